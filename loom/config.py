@@ -1,0 +1,101 @@
+"""Engine configuration: validated dataclasses, one source of defaults. The CLI is built from these fields."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass, fields
+from functools import cache
+
+from loom.errors import InvalidRequest
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to know to load a model and serve it."""
+
+    model: str | None = None
+    """Path of an HF-format model directory; None uses the built-in tiny model (made locally on first use)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to the model directory."""
+    dtype: str = "auto"
+    """Weights and activations dtype: auto (the checkpoint's torch_dtype where the device supports it), float32, bfloat16, float16 (CUDA only)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    seed: int = 0
+    """Seed of the sampler for requests that bring no seed of their own."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; defaults to the model's max_position_embeddings."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    num_blocks: int | None = None
+    """KV-cache blocks in the pool; overrides kv_cache_memory_bytes when given."""
+    kv_cache_memory_bytes: int | None = None
+    """Bytes of KV cache to preallocate; defaults to 1 GiB on CPU and to gpu_memory_utilization of free memory on CUDA."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's free memory (after loading weights) the KV cache may take."""
+    max_num_seqs: int = 128
+    """Most requests running in one step."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step: prefill chunks and decode tokens together."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps to fit the token budget (otherwise a prompt must fit whole)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prefixes across requests and turns."""
+    scheduling_policy: str = "fcfs"
+    """fcfs (arrival order) or priority (lower SamplingParams.priority first, then arrival)."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU; None leaves torch's default."""
+    max_logprobs: int = 20
+    """Most top log-probabilities a request may ask for."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"{name} {why}", param=name)
+
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise bad("device", f"must be one of {DEVICES}, got {self.device!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise bad(
+                "scheduling_policy", f"must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
+            )
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("num_blocks", "kv_cache_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise bad(name, f"must be >= 1, got {value}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise bad("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source (so help text lives in one place)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def config_fields(cls: type) -> list[tuple[str, type, object, str]]:
+    """(name, annotation, default, help) of each field, for building a CLI."""
+    docs = field_docs(cls)
+    return [(f.name, f.type, f.default, docs.get(f.name, "")) for f in fields(cls)]

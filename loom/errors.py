@@ -1,0 +1,29 @@
+"""Typed errors. The server maps each to one HTTP status in one place."""
+
+
+class LoomError(Exception):
+    """Base class of loom's own errors."""
+
+
+class InvalidRequest(LoomError, ValueError):
+    """The request is malformed or out of range; the caller can fix it (HTTP 400).
+
+    `param` names the offending field, as in OpenAI's error body.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested tokens do not fit the model's context (HTTP 400)."""
+
+
+class ModelLoadError(LoomError):
+    """A checkpoint directory cannot be loaded: unknown architecture, missing or misshapen tensor."""
+
+
+class EngineDeadError(LoomError):
+    """The engine loop stopped and cannot serve requests (HTTP 503)."""

@@ -1,0 +1,120 @@
+"""KV-cache manager: which blocks each request holds, prefix hits, and caching of full blocks.
+
+The scheduler talks to this class only; the pool behind it is an implementation detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.engine.request import Request
+from loom.kv.block_pool import Block, BlockHash, BlockPool, hash_block
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """Blocks a new request can reuse, and how many of its tokens they cover."""
+
+    blocks: list[Block]
+    num_tokens: int
+
+
+NO_HIT = PrefixHit([], 0)
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    queries: int = 0
+    """Prompt tokens looked up in the prefix cache."""
+    hits: int = 0
+    """Prompt tokens found there."""
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[Block]] = {}
+        # Hashes of each request's full blocks, computed once and extended as tokens arrive.
+        self.req_hashes: dict[str, list[BlockHash]] = {}
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def _block_hashes(self, request: Request, num_tokens: int) -> list[BlockHash]:
+        """Hashes of the full blocks among the request's first num_tokens tokens."""
+        hashes = self.req_hashes.setdefault(request.request_id, [])
+        tokens = request.all_token_ids
+        bs = self.block_size
+        for i in range(len(hashes), num_tokens // bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> PrefixHit:
+        """The longest cached prefix of a request that holds no blocks yet.
+
+        At least one token is always left to compute: the last token's logits are needed to sample.
+        Requests asking for prompt logprobs take no hits, since cached tokens produce no logits.
+        """
+        if not self.enable_caching or request.params.prompt_logprobs is not None:
+            return NO_HIT
+        max_hit_tokens = request.num_tokens - 1
+        hashes = self._block_hashes(request, max_hit_tokens)
+        blocks: list[Block] = []
+        for block_hash in hashes:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(blocks) * self.block_size
+        return PrefixHit(blocks, len(blocks) * self.block_size) if blocks else NO_HIT
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, hit: PrefixHit = NO_HIT) -> bool:
+        """Make room for num_new_tokens more tokens of the request (after the hit, if any).
+
+        Returns False, changing nothing, if the pool cannot hold them; the caller then preempts or waits.
+        """
+        held = self.req_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + hit.num_tokens
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_new_blocks = num_needed - len(held) - len(hit.blocks)
+        # Hit blocks sitting in the free queue stop being free once touched.
+        num_revived = sum(1 for b in hit.blocks if b.ref_cnt == 0)
+        if num_new_blocks + num_revived > self.pool.num_free_blocks:
+            return False
+        if hit.blocks:
+            self.pool.touch(hit.blocks)
+        blocks = self.req_blocks.setdefault(request.request_id, held)
+        blocks.extend(hit.blocks)
+        if num_new_blocks > 0:
+            blocks.extend(self.pool.allocate(num_new_blocks))
+        if self.enable_caching:
+            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+        return True
+
+    def _cache_full_blocks(self, request: Request, blocks: list[Block], num_tokens: int) -> None:
+        # The KV of these tokens is written by this step's forward before any layer reads it, so
+        # indexing the blocks now is safe even for a request hitting them in the same step.
+        hashes = self._block_hashes(request, num_tokens)
+        for block, block_hash in zip(blocks, hashes, strict=False):
+            if block.block_hash is None:
+                self.pool.cache_block(block, block_hash)
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_blocks.pop(request.request_id, None)
+        if blocks:
+            self.pool.free(blocks[::-1])
+        self.req_hashes.pop(request.request_id, None)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def reset_prefix_cache(self) -> int:
+        return self.pool.reset_prefix_cache()

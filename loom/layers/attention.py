@@ -1,0 +1,113 @@
+"""Paged attention: the metadata one step's forward needs, and the plain-PyTorch backend.
+
+The backend writes each new token's K/V into its slot of the paged cache, then attends:
+decode tokens (one query each) in one padded batch over their block tables; prefill chunks one
+sequence at a time, causal over cached + new tokens. It runs on CPU and CUDA and is the reference
+every faster backend is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    start: int
+    """Offset of the chunk's first token in the flattened batch."""
+    num_new: int
+    num_context: int
+    """Tokens of this sequence already in the cache before the chunk."""
+    block_ids: torch.Tensor
+    """Blocks holding its first num_context + num_new tokens (a CPU or device long tensor)."""
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where one step's tokens go in the cache and what each attends to. Built once per step by the
+    runner and passed explicitly through the model (no global forward context)."""
+
+    slot_mapping: torch.Tensor
+    """[num_tokens] cache slot (block_id * block_size + offset) of each new token."""
+    block_size: int
+    decode_token_idx: torch.Tensor | None = None
+    """[num_decodes] positions in the batch of single-token (decode) queries."""
+    decode_block_table: torch.Tensor | None = None
+    """[num_decodes, max_blocks] block ids of each decode sequence, padded with 0."""
+    decode_key_mask: torch.Tensor | None = None
+    """[num_decodes, 1, 1, max_blocks * block_size] True where a key position is inside the sequence."""
+    prefills: list[PrefillSeq] | None = None
+
+
+class KVCache:
+    """The preallocated paged cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.k = tensor[0]
+        self.v = tensor[1]
+        # Flat [num_slots, num_kv_heads, head_dim] views for slot writes.
+        self.k_flat = self.k.view(-1, *self.k.shape[2:])
+        self.v_flat = self.v.view(-1, *self.v.shape[2:])
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.gqa = num_heads != num_kv_heads
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+        Returns [num_tokens, num_heads * head_dim]."""
+        cache.k_flat.index_copy_(0, meta.slot_mapping, k)
+        cache.v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        if meta.decode_token_idx is not None:
+            out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], cache, meta)
+        for seq in meta.prefills or ():
+            end = seq.start + seq.num_new
+            out[seq.start : end] = self._prefill(
+                q[seq.start : end], k[seq.start : end], v[seq.start : end], seq, cache
+            )
+        return out.view(q.shape[0], -1)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        # q: [B, H, Lq, D]; k, v: [B, KvH, Lk, D]
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=self.gqa, **kwargs)
+
+    def _decode(self, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        num_seqs, max_blocks = meta.decode_block_table.shape
+        shape = (num_seqs, max_blocks * meta.block_size, self.num_kv_heads, self.head_dim)
+        k = cache.k[meta.decode_block_table].view(shape).transpose(1, 2)  # [B, KvH, L, D]
+        v = cache.v[meta.decode_block_table].view(shape).transpose(1, 2)
+        out = self._sdpa(q.unsqueeze(2), k, v, attn_mask=meta.decode_key_mask)  # [B, H, 1, D]
+        return out.squeeze(2)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PrefillSeq, cache: KVCache
+    ) -> torch.Tensor:
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if seq.num_context == 0:
+            k = k.transpose(0, 1).unsqueeze(0)
+            v = v.transpose(0, 1).unsqueeze(0)
+            out = self._sdpa(q, k, v, is_causal=True)
+        else:
+            total = seq.num_context + seq.num_new
+            k = (
+                cache.k[seq.block_ids].flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)
+            )  # [1, KvH, total, D]
+            v = cache.v[seq.block_ids].flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)
+            # Query i (absolute position num_context + i) sees keys 0 .. num_context + i.
+            mask = torch.ones(seq.num_new, total, dtype=torch.bool, device=q.device).tril(seq.num_context)
+            out = self._sdpa(q, k, v, attn_mask=mask)
+        return out.squeeze(0).transpose(0, 1)  # [n, H, D]

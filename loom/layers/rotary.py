@@ -1,0 +1,76 @@
+"""Rotary position embedding: full or partial, rotate-half (Llama, Qwen2) or interleaved (GLM) pairs,
+with the default, linear and llama3 frequency schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from loom.errors import ModelLoadError
+
+
+def _inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, a smooth blend between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ModelLoadError(f"rope scaling type {rope_type!r} is not supported")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to the first `rotary_dim` dims of each head; the rest pass through."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_position: int,
+        base: float,
+        interleaved: bool = False,
+        scaling: dict | None = None,
+    ):
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
+        inv_freq = _inv_freq(rotary_dim, base, scaling)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)  # [max_pos, rot/2]
+        # float32 cache, cast per call to the activations' dtype (as HF does).
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]."""
+        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, rot/2]
+        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot = x[..., : self.rotary_dim]
+        if self.interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if self.rotary_dim == self.head_dim:
+            return out
+        return torch.cat((out, x[..., self.rotary_dim :]), dim=-1)

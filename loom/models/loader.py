@@ -1,0 +1,120 @@
+"""Load an HF-format checkpoint directory into our model classes.
+
+Tensors are read memory-mapped with safetensors' safe_open, one at a time, converted to the target dtype
+once and copied into parameters allocated directly on the target device. Never touches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loom.errors import ModelLoadError
+from loom.models.config import ModelConfig
+from loom.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+# Buffers some checkpoints carry that we recompute ourselves.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / name for name in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {path}")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{index} names weight files that do not exist: {[f.name for f in missing]}")
+    return files
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    path = Path(path)
+    cfg = ModelConfig.from_dir(path)
+    cls = model_class(cfg.architecture)
+    with _default_dtype(dtype), torch.device(device):
+        model = cls(cfg)
+    load_weights(model, path, dtype)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules", {})
+    tied = model.config.tie_word_embeddings
+    # Each parameter's loaded shards; a packed parameter is complete when all its shards arrived.
+    loaded: dict[str, set] = {}
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                target, shard_id = _map_name(name, packed)
+                param = params.get(target)
+                if param is None:
+                    raise ModelLoadError(
+                        f"{file.name}: tensor {name!r} has no place in {type(model).__name__}"
+                    )
+                tensor = f.get_tensor(name).to(dtype)
+                loader = getattr(param, "weight_loader", None)
+                try:
+                    if loader is not None:
+                        loader(param, tensor, shard_id)
+                    elif param.shape != tensor.shape:
+                        raise ValueError(
+                            f"shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}"
+                        )
+                    else:
+                        param.data.copy_(tensor)
+                except ValueError as e:
+                    raise ModelLoadError(f"{file.name}: tensor {name!r}: {e}") from e
+                loaded.setdefault(target, set()).add(shard_id)
+    _check_complete(model, params, loaded, tied, path)
+
+
+def _map_name(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            module, shard_id = packed[part]
+            return ".".join(parts[:i] + [module] + parts[i + 1 :]), shard_id
+    return name, None
+
+
+def _check_complete(model: nn.Module, params: dict, loaded: dict[str, set], tied: bool, path: Path) -> None:
+    missing = []
+    for name in params:
+        if tied and name == "lm_head.weight":
+            continue
+        got = loaded.get(name)
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        shards = getattr(module, "shards", None)
+        if got is None or (None not in got and shards is not None and set(shards) != got):
+            want = "all of" if got is None else f"shards {sorted(map(str, set(shards) - got))} of"
+            missing.append(f"{want} {name}")
+    if missing:
+        raise ModelLoadError(
+            f"{path}: checkpoint is missing {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
