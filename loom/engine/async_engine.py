@@ -1,0 +1,188 @@
+"""AsyncEngine: the EngineCore loop on its own thread, with one asyncio queue of outputs per request.
+
+HTTP handlers never wait on a step and the step loop never waits on HTTP: requests and aborts cross
+into the engine thread through a thread-safe inbox; each step's outputs cross back in one
+`call_soon_threadsafe` per step. torch releases the GIL inside kernels, so the event loop keeps
+serving while a forward runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from loom.config import EngineConfig
+from loom.engine.core import EngineCore
+from loom.errors import EngineDeadError
+from loom.outputs import RequestOutput
+from loom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Owns an EngineCore on a background thread. Call `start()`, then `generate()` from asyncio code."""
+
+    def __init__(
+        self, config: EngineConfig, on_step: Callable[[EngineCore, list[RequestOutput]], None] | None = None
+    ):
+        self.config = config
+        self.core: EngineCore | None = None
+        self.on_step = on_step
+        """Called on the engine thread after every step (metrics hook); must be quick."""
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.num_pending = 0
+        """Requests handed to the engine thread and not finished yet (waiting + running)."""
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine thread; the model loads there, so this returns at once."""
+        self._loop = loop or asyncio.get_event_loop()
+        self._thread = threading.Thread(target=self._run, name="loom-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready.is_set() and self.error is None
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if not self.ready.wait(timeout):
+            raise TimeoutError("the engine did not load in time")
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed to start: {self.error}") from self.error
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's delta outputs as they come; the last one has finished=True.
+
+        The prompt must already be validated (EngineCore.validate_prompt). Leaving the iterator early
+        (client gone, task cancelled) aborts the request and frees its KV blocks.
+        """
+        if not self.is_ready:
+            raise EngineDeadError(
+                "the engine is not ready" if self.error is None else f"the engine died: {self.error}"
+            )
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self.num_pending += 1
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, arrival_time or time.monotonic()))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            self.num_pending -= 1
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    # ---- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.core = EngineCore(self.config)
+        except BaseException as e:  # noqa: BLE001 - reported through /ready and generate()
+            logger.exception("engine failed to load")
+            self.error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        core = self.core
+        while not self._stop.is_set():
+            self._drain_inbox(block=not core.has_unfinished())
+            if self._stop.is_set():
+                break
+            if not core.has_unfinished():
+                continue
+            try:
+                outputs = core.step()
+            except Exception as e:  # noqa: BLE001 - one bad step must not kill the server
+                logger.exception("engine step failed; aborting the requests in flight")
+                self._fail_all(e)
+                continue
+            if self.on_step is not None:
+                self.on_step(core, outputs)
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _drain_inbox(self, block: bool) -> None:
+        core = self.core
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, _Add):
+                try:
+                    core.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
+                except Exception as e:  # noqa: BLE001 - goes back to the caller
+                    self._loop.call_soon_threadsafe(self._deliver_error, item.request_id, e)
+            else:
+                core.abort_request(item.request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.core.groups):
+            self.core.abort_request(request_id)
+            self._loop.call_soon_threadsafe(self._deliver_error, request_id, error)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _deliver_error(self, request_id: str, error: Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(error)
