@@ -65,7 +65,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         cfg = self.model_config
-        shape = (2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (2, cfg.num_kv_heads, self.num_blocks, self.block_size, cfg.head_dim)
         # Zero-filled so the whole pool is resident from the start: memory does not grow while serving.
         self.kv_caches = [
             KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.num_layers)
@@ -157,9 +157,8 @@ class ModelRunner:
                 [t + [0] * (width - len(t)) for t in decode_tables], device=dev
             )
             lens = torch.tensor(decode_lens, device=dev)
-            meta.decode_key_mask = (torch.arange(width * bs, device=dev) < lens.unsqueeze(1))[
-                :, None, None, :
-            ]
+            key_pos = torch.arange(width * bs, device=dev)
+            meta.decode_key_mask = (key_pos < lens.unsqueeze(1))[None, :, None, :]  # [1, B, 1, L]
 
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),

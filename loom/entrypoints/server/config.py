@@ -1,0 +1,60 @@
+"""ServerConfig: the HTTP server's own settings (the engine's are EngineConfig). `loom serve` flags come
+from these fields and their docstrings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.errors import InvalidRequest
+
+TOOL_CALL_PARSERS = ("auto", "hermes", "glm4", "none")
+
+
+@dataclass
+class ServerConfig:
+    """How the OpenAI-compatible server listens, authenticates, and protects the engine from overload."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; loopback by default so a server is never exposed by accident."""
+    port: int = 8000
+    """TCP port to listen on."""
+    api_key: str | None = None
+    """When set, every route except /health requires `Authorization: Bearer <key>`."""
+    served_model_name: str | None = None
+    """The model name clients send and see; defaults to --model (or "loom-tiny" for the built-in model)."""
+    max_waiting: int = 256
+    """Most requests in flight (waiting + running) before new ones get 429; a multi-prompt completion counts each prompt."""
+    max_waiting_tokens: int | None = None
+    """Most prompt tokens in flight before new requests get 429; None disables the check."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body accepted, in bytes; larger ones get 413."""
+    max_n: int = 16
+    """Largest `n` (completions per prompt) a request may ask for."""
+    drain_timeout: float = 30.0
+    """On SIGTERM, seconds to let running requests finish (new ones get 503) before exiting."""
+    retry_after: int = 1
+    """Seconds sent in the Retry-After header of 429 and 503 answers."""
+    tool_call_parser: str = "auto"
+    """How tool calls are read from model output: auto (hermes <tool_call> tags, else GLM-4 "name\\n{json}"), hermes, glm4, none."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"{name} {why}", param=name)
+
+        if not 0 <= self.port <= 65535:
+            raise bad("port", f"must be in [0, 65535], got {self.port}")
+        for name in ("max_waiting", "max_body_bytes", "max_n"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
+            raise bad("max_waiting_tokens", f"must be >= 1, got {self.max_waiting_tokens}")
+        if self.drain_timeout < 0:
+            raise bad("drain_timeout", f"must be >= 0, got {self.drain_timeout}")
+        if self.retry_after < 0:
+            raise bad("retry_after", f"must be >= 0, got {self.retry_after}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise bad(
+                "tool_call_parser", f"must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}"
+            )
+        if self.api_key == "":
+            raise bad("api_key", "must not be empty (leave it unset to disable authentication)")
