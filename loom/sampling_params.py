@@ -71,8 +71,8 @@ class SamplingParams:
             raise bad("n", f"must be an integer >= 1, got {self.n!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
             raise bad("max_tokens", f"must be an integer >= 0, got {self.max_tokens!r}")
-        if self.min_tokens < 0:
-            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for name in (
@@ -109,6 +109,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if not isinstance(self.priority, int):
+            raise bad("priority", f"must be an integer, got {self.priority!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"must be an integer, got {self.seed!r}")
 

@@ -82,6 +82,14 @@ class EngineCore:
                 "max_model_len %d exceeds the KV pool (%d tokens); capping it", max_len, pool_tokens
             )
             max_len = pool_tokens
+        if not config.enable_chunked_prefill and max_len > config.max_num_batched_tokens:
+            # Without chunking a sequence must fit one step's budget whole (a preempted one is recomputed).
+            logger.warning(
+                "chunked prefill is off: capping max_model_len %d to max_num_batched_tokens %d",
+                max_len,
+                config.max_num_batched_tokens,
+            )
+            max_len = config.max_num_batched_tokens
         self.max_model_len = max_len
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
 from loom.engine.request import Request, RequestStatus
+from loom.errors import InvalidRequest
 from loom.kv.manager import NO_HIT, KVCacheManager
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,14 @@ class WaitingQueue:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int):
+        if not config.enable_chunked_prefill and max_model_len > config.max_num_batched_tokens:
+            # A prompt (or a preempted request's prompt + output) longer than the budget would wait forever
+            # at the head of the queue, blocking everything behind it.
+            raise InvalidRequest(
+                f"with chunked prefill disabled, max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                f"must be at least max_model_len ({max_model_len})",
+                param="max_num_batched_tokens",
+            )
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len

@@ -110,6 +110,13 @@ class BlockPool:
             block.block_hash = block_hash
             self.cached[block_hash] = block
 
+    def uncache(self, block: Block) -> None:
+        """Drop a block from the prefix index: its KV was never written."""
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix held only by the free queue; returns how many were dropped."""
         dropped = 0

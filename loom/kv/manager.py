@@ -72,8 +72,6 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(blocks) * self.block_size
         return PrefixHit(blocks, len(blocks) * self.block_size) if blocks else NO_HIT
 
     def allocate_slots(self, request: Request, num_new_tokens: int, hit: PrefixHit = NO_HIT) -> bool:
@@ -89,6 +87,10 @@ class KVCacheManager:
         num_revived = sum(1 for b in hit.blocks if b.ref_cnt == 0)
         if num_new_blocks + num_revived > self.pool.num_free_blocks:
             return False
+        if not held and self.enable_caching and request.params.prompt_logprobs is None:
+            # Counted when a lookup admits the request, not on each lookup of one still waiting for room.
+            self.stats.queries += request.num_tokens
+            self.stats.hits += hit.num_tokens
         if hit.blocks:
             self.pool.touch(hit.blocks)
         blocks = self.req_blocks.setdefault(request.request_id, held)
@@ -110,6 +112,11 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, None)
         if blocks:
+            # Blocks are indexed when allocated, ahead of the forward that writes them. A request freed
+            # before that forward ran (preempted in the step that scheduled it) leaves blocks past its
+            # num_computed_tokens indexed with unwritten KV: take them out of the cache.
+            for block in blocks[request.num_computed_tokens // self.block_size :]:
+                self.pool.uncache(block)
             self.pool.free(blocks[::-1])
         self.req_hashes.pop(request.request_id, None)
 
