@@ -47,6 +47,8 @@ class EngineConfig:
     """Split long prompts over several steps to fit the token budget (otherwise a prompt must fit whole)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prefixes across requests and turns."""
+    prefix_aware_window: int = 8
+    """Among this many waiting requests of equal priority, admit the one with the longest cached prefix first (each is passed over at most this many times); 0 or 1 keeps strict arrival order."""
     scheduling_policy: str = "fcfs"
     """fcfs (arrival order) or priority (lower SamplingParams.priority first, then arrival)."""
     num_threads: int | None = None

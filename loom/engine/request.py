@@ -54,6 +54,7 @@ class Request:
         "generator",
         "stop_reason",
         "num_preemptions",
+        "num_skipped",
         "first_scheduled_time",
         "first_token_time",
     )
@@ -84,6 +85,7 @@ class Request:
         self.generator = generator
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.num_skipped = 0  # times the cache-aware scheduler admitted a later request first
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
 

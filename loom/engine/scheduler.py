@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from loom.config import EngineConfig
 from loom.engine.request import Request, RequestStatus
 from loom.errors import InvalidRequest
-from loom.kv.manager import NO_HIT, KVCacheManager
+from loom.kv.manager import NO_HIT, KVCacheManager, PrefixHit
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,12 @@ class WaitingQueue:
     def __iter__(self):
         return iter([e[3] for e in sorted(self._heap)] if self.by_priority else list(self._fifo))
 
+    def first(self, k: int) -> list[Request]:
+        """The first k requests in policy order, without copying the whole queue."""
+        if self.by_priority:
+            return [e[3] for e in heapq.nsmallest(k, self._heap)]
+        return list(itertools.islice(self._fifo, k))
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int):
@@ -166,8 +172,7 @@ class Scheduler:
         while (
             self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
-            req = self.waiting.peek()
-            hit = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else NO_HIT
+            req, hit = self._next_waiting()
             num_new = req.num_tokens - req.num_computed_tokens - hit.num_tokens
             if num_new > budget:
                 if not chunked:
@@ -175,7 +180,7 @@ class Scheduler:
                 num_new = budget
             if not self.kv.allocate_slots(req, num_new, hit):
                 break
-            self.waiting.pop()
+            self.waiting.remove(req)
             req.num_computed_tokens += hit.num_tokens
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = hit.num_tokens
@@ -186,6 +191,33 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
         return out
+
+    def _next_waiting(self) -> tuple[Request, PrefixHit]:
+        """The waiting request to admit next, and its prefix hit.
+
+        Cache-aware within a bounded window: among the first `prefix_aware_window` waiting requests of
+        the head's priority, the one with the longest cached prefix goes first (its blocks are hot now
+        and may be evicted if it waits; it costs the least compute). The head is passed over at most
+        `prefix_aware_window` times, so nothing starves; FCFS order otherwise.
+        """
+        head = self.waiting.peek()
+        window = self.config.prefix_aware_window
+        head_hit = self._lookup(head)
+        if window <= 1 or not self.kv.enable_caching or head.num_skipped >= window:
+            return head, head_hit
+        best, best_hit = head, head_hit
+        for req in self.waiting.first(window)[1:]:
+            if req.priority != head.priority:
+                break
+            hit = self._lookup(req)
+            if hit.num_tokens > best_hit.num_tokens:
+                best, best_hit = req, hit
+        if best is not head:
+            head.num_skipped += 1
+        return best, best_hit
+
+    def _lookup(self, req: Request) -> PrefixHit:
+        return self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else NO_HIT
 
     def _pick_victim(self) -> Request:
         if self.by_priority:
