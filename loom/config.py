@@ -12,7 +12,7 @@ from loom.errors import InvalidRequest
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-SCHEDULING_POLICIES = ("fcfs", "priority")
+SCHEDULING_POLICIES = ("fcfs", "priority", "program")
 
 
 @dataclass
@@ -50,7 +50,9 @@ class EngineConfig:
     prefix_aware_window: int = 8
     """Among this many waiting requests of equal priority, admit the one with the longest cached prefix first (each is passed over at most this many times); 0 or 1 keeps strict arrival order."""
     scheduling_policy: str = "fcfs"
-    """fcfs (arrival order) or priority (lower SamplingParams.priority first, then arrival)."""
+    """fcfs (arrival order), priority (lower SamplingParams.priority first, then arrival), or program (least attained service of the request's agent program first, so short workflows are not stuck behind long ones)."""
+    program_pin_ttl_s: float = 30.0
+    """How long the KV of a finished call stays pinned for the next call of the same agent program (released early at program end or when memory is short); 0 disables pinning."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None leaves torch's default."""
     max_logprobs: int = 20

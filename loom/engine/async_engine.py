@@ -38,6 +38,11 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _ReleaseProgram:
+    program_id: str
+
+
 class AsyncEngine:
     """Owns an EngineCore on a background thread. Call `start()`, then `generate()` from asyncio code."""
 
@@ -124,6 +129,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def release_program(self, program_id: str) -> None:
+        """An agent program (workflow run) ended: unpin the KV kept for its next call."""
+        self._inbox.put(_ReleaseProgram(program_id))
+
     # ---- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -168,6 +177,8 @@ class AsyncEngine:
                     core.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
                 except Exception as e:  # noqa: BLE001 - goes back to the caller
                     self._loop.call_soon_threadsafe(self._deliver_error, item.request_id, e)
+            elif isinstance(item, _ReleaseProgram):
+                core.release_program(item.program_id)
             else:
                 core.abort_request(item.request_id)
 

@@ -173,6 +173,11 @@ class EngineCore:
                 self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
         return True
 
+    def release_program(self, program_id: str) -> bool:
+        """An agent program ended: unpin the KV kept for its next call, and forget its service."""
+        self.scheduler.program_service.pop(program_id, None)
+        return self.kv.release(program_id)
+
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
@@ -180,6 +185,8 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the outputs (deltas) of requests that changed."""
+        if self.kv.pins:
+            self.kv.expire_pins()
         sched = self.scheduler.schedule()
         self.stats.num_preemptions += len(sched.preempted)
         if not sched:
@@ -259,6 +266,8 @@ class EngineCore:
         if status is not None:
             if matched is None:
                 text += detok.flush()
+            if req.program_id is not None and self.config.program_pin_ttl_s > 0:
+                self.kv.pin(req.program_id, req, self.config.program_pin_ttl_s)
             self.scheduler.finish(req, status)
             delta.finish_reason = FINISH_REASONS[status]
             delta.stop_reason = req.stop_reason

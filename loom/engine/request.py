@@ -106,6 +106,11 @@ class Request:
         return self.params.priority
 
     @property
+    def program_id(self) -> str | None:
+        """The agent program (workflow run) this call belongs to, if the caller said."""
+        return self.params.extra.get("program_id")
+
+    @property
     def is_finished(self) -> bool:
         return self.status.finished
 

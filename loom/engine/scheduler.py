@@ -12,7 +12,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
@@ -21,6 +21,8 @@ from loom.errors import InvalidRequest
 from loom.kv.manager import NO_HIT, KVCacheManager, PrefixHit
 
 logger = logging.getLogger(__name__)
+
+MAX_TRACKED_PROGRAMS = 65536
 
 
 @dataclass(slots=True)
@@ -122,6 +124,10 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.by_priority = config.scheduling_policy == "priority"
+        self.by_program = config.scheduling_policy == "program"
+        # Tokens computed per agent program so far (program-level least attained service, as in
+        # Autellix); bounded so an endless stream of programs does not grow it forever.
+        self.program_service: OrderedDict[str, int] = OrderedDict()
         self.waiting = WaitingQueue(self.by_priority)
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -190,7 +196,23 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
+        if self.by_program:
+            self._attain_service(out)
         return out
+
+    def _program(self, req: Request) -> str:
+        return req.program_id or req.parent_id
+
+    def _service(self, req: Request) -> int:
+        return self.program_service.get(self._program(req), 0)
+
+    def _attain_service(self, out: SchedulerOutput) -> None:
+        for s in out.scheduled:
+            program = self._program(s.request)
+            self.program_service[program] = self.program_service.get(program, 0) + s.num_new_tokens
+            self.program_service.move_to_end(program)
+        while len(self.program_service) > MAX_TRACKED_PROGRAMS:
+            self.program_service.popitem(last=False)
 
     def _next_waiting(self) -> tuple[Request, PrefixHit]:
         """The waiting request to admit next, and its prefix hit.
@@ -200,6 +222,10 @@ class Scheduler:
         and may be evicted if it waits; it costs the least compute). The head is passed over at most
         `prefix_aware_window` times, so nothing starves; FCFS order otherwise.
         """
+        if self.by_program:
+            # Least attained service of the program first; arrival order among equals.
+            best = min(self.waiting, key=lambda r: (self._service(r), r.arrival_time))
+            return best, self._lookup(best)
         head = self.waiting.peek()
         window = self.config.prefix_aware_window
         head_hit = self._lookup(head)
@@ -223,6 +249,8 @@ class Scheduler:
         if self.by_priority:
             # Lowest priority (largest value) first, the latest arrival among equals.
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        if self.by_program:
+            return max(self.running, key=lambda r: (self._service(r), r.arrival_time))
         return self.running[-1]
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> int:

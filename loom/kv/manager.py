@@ -5,6 +5,8 @@ The scheduler talks to this class only; the pool behind it is an implementation 
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from loom.engine.request import Request
@@ -39,6 +41,9 @@ class KVCacheManager:
         # Hashes of each request's full blocks, computed once and extended as tokens arrive.
         self.req_hashes: dict[str, list[BlockHash]] = {}
         self.stats = PrefixCacheStats()
+        # program id -> (expiry, blocks it holds a reference on): KV a later call of the same agent
+        # program will likely reuse, kept out of the LRU until released, expired, or memory is short.
+        self.pins: OrderedDict[str, tuple[float, list[Block]]] = OrderedDict()
 
     @property
     def num_free_blocks(self) -> int:
@@ -85,8 +90,12 @@ class KVCacheManager:
         num_new_blocks = num_needed - len(held) - len(hit.blocks)
         # Hit blocks sitting in the free queue stop being free once touched.
         num_revived = sum(1 for b in hit.blocks if b.ref_cnt == 0)
-        if num_new_blocks + num_revived > self.pool.num_free_blocks:
-            return False
+        while num_new_blocks + num_revived > self.pool.num_free_blocks:
+            # Pins are a hint: real demand for memory releases them (oldest first) before anyone waits.
+            if not self.pins:
+                return False
+            self.release(next(iter(self.pins)))
+            num_revived = sum(1 for b in hit.blocks if b.ref_cnt == 0)
         if not held and self.enable_caching and request.params.prompt_logprobs is None:
             # Counted when a lookup admits the request, not on each lookup of one still waiting for room.
             self.stats.queries += request.num_tokens
@@ -119,6 +128,36 @@ class KVCacheManager:
                 self.pool.uncache(block)
             self.pool.free(blocks[::-1])
         self.req_hashes.pop(request.request_id, None)
+
+    def pin(self, program_id: str, request: Request, ttl_s: float) -> None:
+        """Keep the request's cached full blocks from eviction on behalf of its program (call before
+        freeing the request). Replaces the program's previous pin: a later call's blocks usually extend
+        the earlier prefix."""
+        blocks = [b for b in self.req_blocks.get(request.request_id, ()) if b.block_hash is not None]
+        if not blocks:
+            return
+        self.pool.touch(blocks)
+        self.release(program_id)
+        self.pins[program_id] = (time.monotonic() + ttl_s, blocks)
+
+    def release(self, program_id: str) -> bool:
+        """Drop a program's pin; its blocks return to the LRU (still cached)."""
+        entry = self.pins.pop(program_id, None)
+        if entry is None:
+            return False
+        self.pool.free(entry[1][::-1])
+        return True
+
+    def expire_pins(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        expired = [pid for pid, (expiry, _) in self.pins.items() if expiry <= now]
+        for pid in expired:
+            self.release(pid)
+        return len(expired)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(blocks) for _, blocks in self.pins.values())
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
