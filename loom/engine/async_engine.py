@@ -72,10 +72,15 @@ class AsyncEngine:
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the engine thread; every open generate() stream ends with EngineDeadError."""
         self._stop.set()
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._loop is not None and not self._loop.is_closed():
+            error = EngineDeadError("the engine was stopped")
+            for request_id in list(self._streams):
+                self._loop.call_soon_threadsafe(self._deliver_error, request_id, error)
 
     @property
     def is_ready(self) -> bool:

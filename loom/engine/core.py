@@ -204,10 +204,16 @@ class EngineCore:
                 self.stats.num_prompt_tokens_computed += min(
                     s.num_new_tokens, req.num_prompt_tokens - req.num_computed_tokens
                 )
-            req.num_computed_tokens += s.num_new_tokens
             group = self.groups[req.parent_id]
-            if req.request_id in result.prompt_logprobs:
-                group.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
+            chunk_lp = result.prompt_logprobs.get(req.request_id)
+            # The n sequences share one prompt, and a preempted one recomputes it: keep each position once.
+            if (
+                chunk_lp is not None
+                and req.index == 0
+                and len(group.prompt_logprobs) == req.num_computed_tokens + 1
+            ):
+                group.prompt_logprobs.extend(chunk_lp)
+            req.num_computed_tokens += s.num_new_tokens
             token = result.sampled.get(req.request_id)
             if token is None:
                 continue
@@ -240,11 +246,12 @@ class EngineCore:
         self, req: Request, token: int, logprobs: TokenLogprobs | None, group: RequestGroup, now: float
     ) -> CompletionOutput:
         detok = group.detokenizers[req.index]
-        delta = CompletionOutput(index=req.index, logprobs=[logprobs] if logprobs is not None else None)
         if req.max_tokens == 0:  # prompt logprobs only (echo): nothing is generated
             self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+            delta = CompletionOutput(index=req.index)
             delta.finish_reason = "length"
             return delta
+        delta = CompletionOutput(index=req.index, logprobs=[logprobs] if logprobs is not None else None)
         if req.first_token_time is None:
             req.first_token_time = now
         req.append_token(token)

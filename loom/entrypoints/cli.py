@@ -11,6 +11,7 @@ import typing
 from dataclasses import MISSING
 
 from loom.config import EngineConfig, config_fields
+from loom.entrypoints.server.cli import add_serve_parser
 
 
 def _flag_type(annotation) -> type:
@@ -95,12 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_generate)
 
-    try:
-        from loom.entrypoints.server.cli import add_serve_parser
-    except ImportError:  # the server package is optional to import until it exists
-        pass
-    else:
-        add_serve_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

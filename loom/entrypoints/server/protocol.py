@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class OpenAIModel(BaseModel):
@@ -90,6 +90,8 @@ class SamplingRequest(OpenAIModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int | None = None
+    program_id: str | None = None
+    """The agent program (workflow run) this call belongs to: the engine keeps its KV pinned for the next call."""
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -163,19 +165,27 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class DeltaFunctionCall(BaseModel):
+class _DropNone(BaseModel):
+    """Stream deltas carry only what changed, as OpenAI's do: unset (None) fields are left out."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_DropNone):
     name: str | None = None
     arguments: str | None = None
 
 
-class DeltaToolCall(BaseModel):
+class DeltaToolCall(_DropNone):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: DeltaFunctionCall
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_DropNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None

@@ -1,0 +1,277 @@
+"""POST /v1/chat/completions: messages and tools through the chat template, tool calls parsed back out."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from loom.engine.core import EngineCore
+from loom.entrypoints.llm import merge_delta
+from loom.entrypoints.server import protocol as p
+from loom.entrypoints.server.serving import (
+    Job,
+    ServerState,
+    SSEResponse,
+    finite_logprob,
+    new_id,
+    sampling_params,
+    sse_events,
+    stream_usage,
+    top_items,
+    usage,
+)
+from loom.entrypoints.server.tool_parsers import HERMES_START, ToolCall, ToolCallStream, parse_tool_calls
+from loom.errors import InvalidRequest
+from loom.outputs import CompletionOutput, RequestOutput
+from loom.sampling_params import MAX_LOGPROBS
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered conversation and how to read tool calls out of its answer."""
+
+    token_ids: list[int]
+    tool_names: set[str] = field(default_factory=set)
+    parser: str | None = None
+    """Tool-call format to parse ("auto", "hermes", "glm4"), or None when tools are off."""
+    prefill: str = ""
+    """Text appended after the generation prompt to force a call (tool_choice required or named); the
+    answer is read as prefill + output."""
+
+
+def _messages(body: p.ChatCompletionRequest) -> list[dict]:
+    if not body.messages:
+        raise InvalidRequest("messages must not be empty", param="messages")
+    messages = []
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for part in message.content:
+                kind = part.get("type")
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(
+                        f"messages[{i}] has a {kind!r} content part; this model accepts text only "
+                        "(parts of type 'text' with a string 'text')",
+                        param="messages",
+                    )
+        messages.append(message.model_dump(exclude_none=True))
+    return messages
+
+
+def _tools(body: p.ChatCompletionRequest) -> tuple[list[dict] | None, str | None]:
+    """(tools for the template, forced function name or "" for any function, or None when not forced)."""
+    choice = body.tool_choice
+    tools = body.tools or []
+    if choice is not None and choice not in ("none", "auto") and not tools:
+        raise InvalidRequest("tool_choice requires tools", param="tool_choice")
+    if not tools or choice == "none":
+        return None, None
+    dumped = [t.model_dump(exclude_none=True) for t in tools]
+    if isinstance(choice, p.NamedToolChoice):
+        named = [t for t in dumped if t["function"]["name"] == choice.function.name]
+        if not named:
+            raise InvalidRequest(
+                f"tool_choice names an undeclared function {choice.function.name!r}", "tool_choice"
+            )
+        return named, choice.function.name
+    return dumped, ("" if choice == "required" else None)
+
+
+def render_chat_prompt(state: ServerState, core: EngineCore, body: p.ChatCompletionRequest) -> ChatPrompt:
+    if "chat_template" in (body.model_extra or {}):
+        # A template is code run on the server; only the model's own is trusted.
+        raise InvalidRequest("a request may not supply its own chat_template", param="chat_template")
+    messages = _messages(body)
+    tools, forced = _tools(body)
+    text = core.tokenizer.apply_chat_template(messages, tools=tools)
+    prompt = ChatPrompt(token_ids=[])
+    if tools is not None and state.config.tool_call_parser != "none":
+        prompt.tool_names = {t["function"]["name"] for t in tools}
+        prompt.parser = state.config.tool_call_parser
+        # Without constrained decoding, required/named choices are forced by starting the call for the
+        # model, where the template shows the hermes format it expects.
+        if forced is not None and HERMES_START in text and prompt.parser in ("auto", "hermes"):
+            prompt.prefill = HERMES_START + "\n"
+            if forced:
+                prompt.prefill += '{"name": ' + json.dumps(forced) + ', "arguments": '
+    prompt.token_ids = core.tokenizer.encode(text + prompt.prefill, add_special_tokens=False)
+    return prompt
+
+
+def chat_logprobs(state: ServerState, core: EngineCore, c: CompletionOutput, k: int) -> p.ChoiceLogprobs:
+    content = []
+    for token_id, entry in zip(c.token_ids, c.logprobs or [], strict=False):
+        text = state.token_text(core.tokenizer, token_id)
+        top = [
+            p.TopLogprob(
+                token=(t := state.token_text(core.tokenizer, tid)),
+                logprob=finite_logprob(lp),
+                bytes=list(t.encode()),
+            )
+            for tid, lp in top_items(entry, k)
+        ]
+        content.append(
+            p.TokenLogprob(
+                token=text,
+                logprob=finite_logprob(entry[token_id]),
+                bytes=list(text.encode()),
+                top_logprobs=top,
+            )
+        )
+    return p.ChoiceLogprobs(content=content)
+
+
+def _tool_call(call: ToolCall) -> p.ToolCall:
+    return p.ToolCall(id=call.id, function=p.FunctionCall(name=call.name, arguments=call.arguments))
+
+
+class ChatCompletions:
+    """Turns a validated chat request into engine work and the engine's outputs into OpenAI responses."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    async def create(self, body: p.ChatCompletionRequest, request: Request) -> Response:
+        state = self.state
+        state.check_model(body.model)
+        core = state.require_core()
+        prompt = render_chat_prompt(state, core, body)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
+        if body.response_format and body.response_format.get("type") != "text":
+            raise InvalidRequest(
+                "only response_format {'type': 'text'} is supported", param="response_format"
+            )
+        params = sampling_params(
+            body,
+            state.config.max_n,
+            max_tokens,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            renamed={"logprobs": "top_logprobs"},
+        )
+        try:
+            core.validate_prompt(prompt.token_ids, params)
+        except InvalidRequest as e:
+            e.param = "messages" if e.param == "prompt" else e.param
+            raise
+        lease = state.admit([len(prompt.token_ids)])
+        job = Job(new_id("chatcmpl"), prompt.token_ids, params)
+        if body.stream:
+            return SSEResponse(sse_events(self._stream(body, request, prompt, job, core)), lease)
+        try:
+            final = None
+            async for _, delta in state.run(request, [job]):
+                final = merge_delta(final, delta)
+        finally:
+            lease.release()
+        return JSONResponse(self._response(body, prompt, job, final, core).model_dump())
+
+    def _response(
+        self,
+        body: p.ChatCompletionRequest,
+        prompt: ChatPrompt,
+        job: Job,
+        final: RequestOutput,
+        core: EngineCore,
+    ) -> p.ChatCompletionResponse:
+        choices = []
+        for c in final.outputs:
+            content, calls = prompt.prefill + c.text, []
+            if prompt.parser is not None:
+                content, calls = parse_tool_calls(content, prompt.tool_names, prompt.parser)
+            message = p.AssistantMessage(
+                content=None if calls and not content.strip() else content,
+                tool_calls=[_tool_call(call) for call in calls] or None,
+            )
+            choices.append(
+                p.ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=chat_logprobs(self.state, core, c, body.top_logprobs or 0)
+                    if body.logprobs
+                    else None,
+                    finish_reason="tool_calls" if calls else c.finish_reason,
+                )
+            )
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        return p.ChatCompletionResponse(
+            id=job.request_id,
+            created=int(time.time()),
+            model=self.state.model_name,
+            choices=choices,
+            usage=usage(len(job.prompt_token_ids), completion_tokens, final.num_cached_tokens),
+        )
+
+    async def _stream(
+        self, body: p.ChatCompletionRequest, request: Request, prompt: ChatPrompt, job: Job, core: EngineCore
+    ) -> AsyncIterator[p.ChatCompletionChunk]:
+        state = self.state
+        created = int(time.time())
+
+        def chunk(index: int, delta: p.DeltaMessage, **kwargs) -> p.ChatCompletionChunk:
+            choice = p.ChatStreamChoice(index=index, delta=delta, **kwargs)
+            return p.ChatCompletionChunk(
+                id=job.request_id, created=created, model=state.model_name, choices=[choice]
+            )
+
+        parsers: dict[int, ToolCallStream] = {}
+        num_calls: dict[int, int] = {}
+        for k in range(job.params.n):
+            yield chunk(k, p.DeltaMessage(role="assistant", content=""))
+            if prompt.parser is not None:
+                parsers[k] = ToolCallStream(prompt.tool_names, prompt.parser)
+                parsers[k].feed(prompt.prefill)  # held, never emitted: it starts a call
+            num_calls[k] = 0
+        completion_tokens = cached_tokens = 0
+        async for _, out in state.run(request, [job]):
+            cached_tokens = out.num_cached_tokens
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                content, calls = c.text, []
+                parser = parsers.get(c.index)
+                if parser is not None:
+                    content, calls = parser.feed(c.text)
+                    if c.finished:
+                        more_content, more_calls = parser.finish()
+                        content, calls = content + more_content, calls + more_calls
+                logprobs = (
+                    chat_logprobs(state, core, c, body.top_logprobs or 0)
+                    if body.logprobs and c.token_ids
+                    else None
+                )
+                if content or calls or logprobs:
+                    deltas = [
+                        p.DeltaToolCall(
+                            index=num_calls[c.index] + j,
+                            id=call.id,
+                            type="function",
+                            function=p.DeltaFunctionCall(name=call.name, arguments=call.arguments),
+                        )
+                        for j, call in enumerate(calls)
+                    ]
+                    num_calls[c.index] += len(calls)
+                    delta = p.DeltaMessage(
+                        content=content or (None if calls else ""), tool_calls=deltas or None
+                    )
+                    yield chunk(c.index, delta, logprobs=logprobs)
+                if c.finished:
+                    reason = "tool_calls" if num_calls[c.index] else c.finish_reason
+                    yield chunk(c.index, p.DeltaMessage(), finish_reason=reason)
+        if stream_usage(body):
+            yield p.ChatCompletionChunk(
+                id=job.request_id,
+                created=created,
+                model=state.model_name,
+                choices=[],
+                usage=usage(len(job.prompt_token_ids), completion_tokens, cached_tokens),
+            )

@@ -1,0 +1,107 @@
+"""`loom serve`: flags from ServerConfig and EngineConfig, uvicorn with a draining SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import types
+import typing
+from types import FrameType
+
+import uvicorn
+
+from loom.entrypoints.server.config import ServerConfig
+from loom.entrypoints.server.serving import ServerState
+
+logger = logging.getLogger(__name__)
+
+# After a drain, only idle keep-alive connections remain; this bounds how long uvicorn waits for them.
+_SHUTDOWN_GRACE_S = 2
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """One --flag per ServerConfig field, help text from the field docstrings."""
+    from loom.config import config_fields
+
+    hints = typing.get_type_hints(ServerConfig)
+    group = parser.add_argument_group("server")
+    for name, _, default, help_text in config_fields(ServerConfig):
+        kind = hints[name]
+        if isinstance(kind, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from loom.config import config_fields
+
+    return ServerConfig(**{name: getattr(args, name) for name, *_ in config_fields(ServerConfig)})
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `loom serve` on the `loom` command's subparsers."""
+    from loom.entrypoints.cli import add_engine_args
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (the built-in tiny model without --model).",
+    )
+    add_server_args(parser)
+    add_engine_args(parser)
+    parser.set_defaults(func=run_server)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM drains first: /ready and new requests answer 503 (the socket stays
+    open, so clients and load balancers get an answer rather than a refused connection) while running
+    requests finish, up to the drain timeout; then the usual shutdown, and exit status 0.
+
+    A second SIGTERM, or SIGINT, shuts down at once as plain uvicorn does.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout = drain_timeout
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.state.draining:
+            logger.info("SIGTERM: no new requests; draining for up to %.1f s", self.drain_timeout)
+            # Not recorded in _captured_signals: uvicorn re-raises those after shutdown, and a drained
+            # shutdown is a clean exit, not death by signal.
+            self.state.begin_drain(self.drain_timeout)
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.state.draining and not self.should_exit and self.state.drain_done():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Run `loom serve` until SIGTERM (drained) or SIGINT."""
+    from loom.entrypoints.cli import engine_config_from_args
+    from loom.entrypoints.server.app import create_app
+
+    engine_config = engine_config_from_args(args)
+    server_config = server_config_from_args(args)
+    app = create_app(engine_config, server_config)
+    config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=getattr(args, "log_level", "info").lower(),
+        timeout_graceful_shutdown=_SHUTDOWN_GRACE_S,
+    )
+    server = DrainingServer(config, app.state.loom, server_config.drain_timeout)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its shutdown; that is the expected way out
+        pass
