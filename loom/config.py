@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import inspect
 import textwrap
-from dataclasses import dataclass, fields
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
 from functools import cache
 
 from loom.errors import InvalidRequest
@@ -103,3 +106,24 @@ def config_fields(cls: type) -> list[tuple[str, type, object, str]]:
     """(name, annotation, default, help) of each field, for building a CLI."""
     docs = field_docs(cls)
     return [(f.name, f.type, f.default, docs.get(f.name, "")) for f in fields(cls)]
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One --flag per field of a config dataclass (booleans get --flag / --no-flag), help from its docstring."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(title)
+    for name, _, default, help_text in config_fields(cls):
+        kind = hints[name]
+        if isinstance(kind, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flag = "--" + name.replace("_", "-")
+        default = None if default is MISSING else default
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace, cls: type):
+    """Build a config dataclass from the flags add_config_args made."""
+    return cls(**{name: getattr(args, name) for name, *_ in config_fields(cls)})

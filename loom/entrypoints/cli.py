@@ -6,40 +6,17 @@ import argparse
 import json
 import logging
 import sys
-import types
-import typing
-from dataclasses import MISSING
 
-from loom.config import EngineConfig, config_fields
+from loom.config import EngineConfig, add_config_args, config_from_args
 from loom.entrypoints.server.cli import add_serve_parser
 
 
-def _flag_type(annotation) -> type:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {}, {})  # field annotations are simple builtins like "int | None"
-    args = (
-        [a for a in typing.get_args(annotation) if a is not type(None)]
-        if isinstance(annotation, types.UnionType)
-        else [annotation]
-    )
-    return args[0]
-
-
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One --flag per EngineConfig field (booleans get --flag / --no-flag)."""
-    group = parser.add_argument_group("engine")
-    for name, annotation, default, help_text in config_fields(EngineConfig):
-        flag = "--" + name.replace("_", "-")
-        kind = _flag_type(annotation)
-        default = None if default is MISSING else default
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+    add_config_args(parser, EngineConfig, "engine")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{name: getattr(args, name) for name, *_ in config_fields(EngineConfig)})
+    return config_from_args(args, EngineConfig)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import types
-import typing
 from types import FrameType
 
 import uvicorn
 
+from loom.config import add_config_args, config_from_args
 from loom.entrypoints.server.config import ServerConfig
 from loom.entrypoints.server.serving import ServerState
 
@@ -21,26 +20,11 @@ _SHUTDOWN_GRACE_S = 2
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """One --flag per ServerConfig field, help text from the field docstrings."""
-    from loom.config import config_fields
-
-    hints = typing.get_type_hints(ServerConfig)
-    group = parser.add_argument_group("server")
-    for name, _, default, help_text in config_fields(ServerConfig):
-        kind = hints[name]
-        if isinstance(kind, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+    add_config_args(parser, ServerConfig, "server")
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
-    from loom.config import config_fields
-
-    return ServerConfig(**{name: getattr(args, name) for name, *_ in config_fields(ServerConfig)})
+    return config_from_args(args, ServerConfig)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
