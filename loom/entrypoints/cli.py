@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from loom.agent.cli import add_run_parser
 from loom.config import EngineConfig, add_config_args, config_from_args
 from loom.entrypoints.server.cli import add_serve_parser
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     add_serve_parser(sub)
+    add_run_parser(sub)
     return parser
 
 
