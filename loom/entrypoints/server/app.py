@@ -154,4 +154,12 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
     async def create_completion(body: p.CompletionRequest, request: Request) -> Response:
         return await completions.create(body, request)
 
+    @app.post("/v1/programs/{program_id}/release")
+    async def release_program(program_id: str) -> dict:
+        """An agent program ended: unpin the KV the engine kept for its next call (its blocks stay in
+        the prefix cache, evictable). Releasing an unknown or already released program is no error."""
+        state.require_core()
+        state.engine.release_program(program_id)
+        return {"released": True}
+
     return app

@@ -14,12 +14,20 @@ from starlette.responses import Response
 from loom.engine.core import EngineCore
 from loom.entrypoints.llm import merge_delta
 from loom.entrypoints.server import protocol as p
+from loom.entrypoints.server.response_caching import (
+    CacheSlot,
+    lookup,
+    refreshed,
+    replay_chat,
+    reply_headers,
+)
 from loom.entrypoints.server.serving import (
     Job,
     ServerState,
     SSEResponse,
     finite_logprob,
     new_id,
+    prompt_budget,
     sampling_params,
     sse_events,
     stream_usage,
@@ -27,6 +35,7 @@ from loom.entrypoints.server.serving import (
     usage,
 )
 from loom.entrypoints.server.tool_parsers import HERMES_START, ToolCall, ToolCallStream, parse_tool_calls
+from loom.entrypoints.truncation import fit_chat
 from loom.errors import InvalidRequest
 from loom.outputs import CompletionOutput, RequestOutput
 from loom.sampling_params import MAX_LOGPROBS
@@ -43,6 +52,9 @@ class ChatPrompt:
     prefill: str = ""
     """Text appended after the generation prompt to force a call (tool_choice required or named); the
     answer is read as prefill + output."""
+    truncated_tokens: int = 0
+    """Prompt tokens the truncation policy removed."""
+    dropped_messages: int = 0
 
 
 def _messages(body: p.ChatCompletionRequest) -> list[dict]:
@@ -82,24 +94,35 @@ def _tools(body: p.ChatCompletionRequest) -> tuple[list[dict] | None, str | None
     return dumped, ("" if choice == "required" else None)
 
 
-def render_chat_prompt(state: ServerState, core: EngineCore, body: p.ChatCompletionRequest) -> ChatPrompt:
+def render_chat_prompt(
+    state: ServerState, core: EngineCore, body: p.ChatCompletionRequest, budget: int, truncation: str
+) -> ChatPrompt:
+    """The conversation as tokens, fitted to `budget` tokens by the truncation policy."""
     if "chat_template" in (body.model_extra or {}):
         # A template is code run on the server; only the model's own is trusted.
         raise InvalidRequest("a request may not supply its own chat_template", param="chat_template")
     messages = _messages(body)
     tools, forced = _tools(body)
-    text = core.tokenizer.apply_chat_template(messages, tools=tools)
     prompt = ChatPrompt(token_ids=[])
     if tools is not None and state.config.tool_call_parser != "none":
         prompt.tool_names = {t["function"]["name"] for t in tools}
         prompt.parser = state.config.tool_call_parser
         # Without constrained decoding, required/named choices are forced by starting the call for the
         # model, where the template shows the hermes format it expects.
-        if forced is not None and HERMES_START in text and prompt.parser in ("auto", "hermes"):
+        if (
+            forced is not None
+            and prompt.parser in ("auto", "hermes")
+            and HERMES_START in core.tokenizer.apply_chat_template(messages, tools=tools)
+        ):
             prompt.prefill = HERMES_START + "\n"
             if forced:
                 prompt.prefill += '{"name": ' + json.dumps(forced) + ', "arguments": '
-    prompt.token_ids = core.tokenizer.encode(text + prompt.prefill, add_special_tokens=False)
+    # The prefill starts with a special token, so encoding it apart gives the same ids; it is kept
+    # whatever the policy cuts.
+    prefill = core.tokenizer.encode(prompt.prefill, add_special_tokens=False) if prompt.prefill else []
+    fitted = fit_chat(core.tokenizer, messages, tools, budget - len(prefill), core.max_model_len, truncation)
+    prompt.token_ids = fitted.prompt_token_ids + prefill
+    prompt.truncated_tokens, prompt.dropped_messages = fitted.truncated_tokens, fitted.dropped_messages
     return prompt
 
 
@@ -140,7 +163,6 @@ class ChatCompletions:
         state = self.state
         state.check_model(body.model)
         core = state.require_core()
-        prompt = render_chat_prompt(state, core, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
@@ -159,22 +181,38 @@ class ChatCompletions:
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             renamed={"logprobs": "top_logprobs"},
         )
+        truncation = state.truncation_policy(body, chat=True)
+        slot = lookup(
+            state.response_cache, "chat", body, params, state.model_name, truncation, request.headers
+        )
+        if slot.hit is not None:
+            cached, headers = refreshed(slot.hit, "chatcmpl")
+            if body.stream:
+                return SSEResponse(sse_events(replay_chat(cached, stream_usage(body))), None, headers)
+            return JSONResponse(cached, headers=headers)
+        prompt = render_chat_prompt(state, core, body, prompt_budget(core, max_tokens), truncation)
         try:
             core.validate_prompt(prompt.token_ids, params)
         except InvalidRequest as e:
             e.param = "messages" if e.param == "prompt" else e.param
             raise
         lease = state.admit([len(prompt.token_ids)])
+        state.metrics.on_truncated(truncation, prompt.truncated_tokens)
         job = Job(new_id("chatcmpl"), prompt.token_ids, params)
+        headers = reply_headers(False, prompt.truncated_tokens)
         if body.stream:
-            return SSEResponse(sse_events(self._stream(body, request, prompt, job, core)), lease)
+            return SSEResponse(
+                sse_events(self._stream(body, request, prompt, job, core, slot)), lease, headers
+            )
         try:
             final = None
             async for _, delta in state.run(request, [job]):
                 final = merge_delta(final, delta)
         finally:
             lease.release()
-        return JSONResponse(self._response(body, prompt, job, final, core).model_dump())
+        response = self._response(body, prompt, job, final, core).model_dump()
+        slot.store(response)
+        return JSONResponse(response, headers=headers)
 
     def _response(
         self,
@@ -209,13 +247,26 @@ class ChatCompletions:
             created=int(time.time()),
             model=self.state.model_name,
             choices=choices,
-            usage=usage(len(job.prompt_token_ids), completion_tokens, final.num_cached_tokens),
+            usage=usage(
+                len(job.prompt_token_ids),
+                completion_tokens,
+                final.num_cached_tokens,
+                prompt.truncated_tokens,
+                prompt.dropped_messages,
+            ),
         )
 
     async def _stream(
-        self, body: p.ChatCompletionRequest, request: Request, prompt: ChatPrompt, job: Job, core: EngineCore
+        self,
+        body: p.ChatCompletionRequest,
+        request: Request,
+        prompt: ChatPrompt,
+        job: Job,
+        core: EngineCore,
+        slot: CacheSlot | None = None,
     ) -> AsyncIterator[p.ChatCompletionChunk]:
         state = self.state
+        slot = slot or CacheSlot()
         created = int(time.time())
 
         def chunk(index: int, delta: p.DeltaMessage, **kwargs) -> p.ChatCompletionChunk:
@@ -233,8 +284,11 @@ class ChatCompletions:
                 parsers[k].feed(prompt.prefill)  # held, never emitted: it starts a call
             num_calls[k] = 0
         completion_tokens = cached_tokens = 0
+        final = None  # the whole answer, for the response cache
         async for _, out in state.run(request, [job]):
             cached_tokens = out.num_cached_tokens
+            if slot.active:
+                final = merge_delta(final, out)
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 content, calls = c.text, []
@@ -267,11 +321,20 @@ class ChatCompletions:
                 if c.finished:
                     reason = "tool_calls" if num_calls[c.index] else c.finish_reason
                     yield chunk(c.index, p.DeltaMessage(), finish_reason=reason)
+        # Reached only when every choice finished: a disconnect or an error raised out of the loop.
+        if final is not None:
+            slot.store(self._response(body, prompt, job, final, core).model_dump())
         if stream_usage(body):
             yield p.ChatCompletionChunk(
                 id=job.request_id,
                 created=created,
                 model=state.model_name,
                 choices=[],
-                usage=usage(len(job.prompt_token_ids), completion_tokens, cached_tokens),
+                usage=usage(
+                    len(job.prompt_token_ids),
+                    completion_tokens,
+                    cached_tokens,
+                    prompt.truncated_tokens,
+                    prompt.dropped_messages,
+                ),
             )

@@ -12,18 +12,27 @@ from starlette.responses import Response
 from loom.engine.core import EngineCore
 from loom.entrypoints.llm import merge_delta
 from loom.entrypoints.server import protocol as p
+from loom.entrypoints.server.response_caching import (
+    CacheSlot,
+    lookup,
+    refreshed,
+    replay_completion,
+    reply_headers,
+)
 from loom.entrypoints.server.serving import (
     Job,
     ServerState,
     SSEResponse,
     finite_logprob,
     new_id,
+    prompt_budget,
     sampling_params,
     sse_events,
     stream_usage,
     top_items,
     usage,
 )
+from loom.entrypoints.truncation import fit_prompt
 from loom.errors import InvalidRequest
 from loom.outputs import RequestOutput, TokenLogprobs
 
@@ -31,7 +40,7 @@ Prompt = tuple[str | None, list[int]]
 
 
 def parse_prompts(body: p.CompletionRequest, core: EngineCore) -> list[Prompt]:
-    """(text if given as text, token ids) of each prompt in the request."""
+    """(text if given as text, token ids) of each prompt in the request, as sent."""
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -43,6 +52,19 @@ def parse_prompts(body: p.CompletionRequest, core: EngineCore) -> list[Prompt]:
             raise InvalidRequest("prompt must not be empty (nor hold an empty prompt)", param="prompt")
         prompts.append((item, core.tokenizer.encode(item)) if isinstance(item, str) else (None, list(item)))
     return prompts
+
+
+def fit_prompts(
+    prompts: list[Prompt], budget: int, max_model_len: int, truncation: str
+) -> tuple[list[Prompt], int]:
+    """Each prompt fitted to the budget, and the tokens cut from all. A cut prompt loses its text, so
+    echo shows what ran."""
+    fitted, cut = [], 0
+    for text, ids in prompts:
+        f = fit_prompt(ids, budget, max_model_len, truncation)
+        fitted.append((None if f.truncated else text, f.prompt_token_ids))
+        cut += f.truncated_tokens
+    return fitted, cut
 
 
 class _Logprobs:
@@ -99,23 +121,36 @@ class Completions:
             logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo else None,
         )
-        prompts = parse_prompts(body, core)
+        truncation = state.truncation_policy(body, chat=False)
+        slot = lookup(
+            state.response_cache, "completions", body, params, state.model_name, truncation, request.headers
+        )
+        if slot.hit is not None:
+            cached, headers = refreshed(slot.hit, "cmpl")
+            if body.stream:
+                return SSEResponse(sse_events(replay_completion(cached, stream_usage(body))), None, headers)
+            return JSONResponse(cached, headers=headers)
+        budget = prompt_budget(core, body.max_tokens)
+        prompts, cut = fit_prompts(parse_prompts(body, core), budget, core.max_model_len, truncation)
         for _, ids in prompts:
             core.validate_prompt(ids, params)
         lease = state.admit([len(ids) for _, ids in prompts])
+        state.metrics.on_truncated(truncation, cut)
         request_id = new_id("cmpl")
         jobs = [Job(f"{request_id}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)]
+        headers = reply_headers(False, cut)
         if body.stream:
-            return SSEResponse(
-                sse_events(self._stream(body, request, request_id, prompts, jobs, core)), lease
-            )
+            events = self._stream(body, request, request_id, prompts, jobs, core, cut, slot)
+            return SSEResponse(sse_events(events), lease, headers)
         finals: list[RequestOutput | None] = [None] * len(jobs)
         try:
             async for i, delta in state.run(request, jobs):
                 finals[i] = merge_delta(finals[i], delta)
         finally:
             lease.release()
-        return JSONResponse(self._response(body, request_id, prompts, finals, core).model_dump())
+        response = self._response(body, request_id, prompts, finals, core, cut).model_dump()
+        slot.store(response)
+        return JSONResponse(response, headers=headers)
 
     def _echo(self, body: p.CompletionRequest, prompt: Prompt, core: EngineCore) -> str:
         text, ids = prompt
@@ -128,6 +163,7 @@ class Completions:
         prompts: list[Prompt],
         finals: list[RequestOutput],
         core: EngineCore,
+        truncated_tokens: int,
     ) -> p.CompletionResponse:
         choices = []
         n = body.n or 1
@@ -157,6 +193,7 @@ class Completions:
                 sum(len(ids) for _, ids in prompts),
                 sum(len(c.token_ids) for f in finals for c in f.outputs),
                 sum(f.num_cached_tokens for f in finals),
+                truncated_tokens,
             ),
         )
 
@@ -168,16 +205,22 @@ class Completions:
         prompts: list[Prompt],
         jobs: list[Job],
         core: EngineCore,
+        truncated_tokens: int = 0,
+        slot: CacheSlot | None = None,
     ) -> AsyncIterator[p.CompletionResponse]:
         state = self.state
+        slot = slot or CacheSlot()
         created = int(time.time())
         n = jobs[0].params.n
         builders: dict[int, _Logprobs] = {}
         prompt_logprobs: dict[int, list] = {}
         completion_tokens = 0
         cached_tokens = [0] * len(jobs)
+        finals: list[RequestOutput | None] = [None] * len(jobs)  # the whole answer, for the response cache
         async for i, out in state.run(request, jobs):
             cached_tokens[i] = out.num_cached_tokens
+            if slot.active:
+                finals[i] = merge_delta(finals[i], out)
             if out.prompt_logprobs is not None:
                 prompt_logprobs[i] = out.prompt_logprobs[: len(prompts[i][1])]
             for c in out.outputs:
@@ -204,11 +247,19 @@ class Completions:
                     yield p.CompletionResponse(
                         id=request_id, created=created, model=state.model_name, choices=[choice]
                     )
+        # Reached only when every job finished: a disconnect or an error raised out of the loop.
+        if slot.active:
+            slot.store(self._response(body, request_id, prompts, finals, core, truncated_tokens).model_dump())
         if stream_usage(body):
             yield p.CompletionResponse(
                 id=request_id,
                 created=created,
                 model=state.model_name,
                 choices=[],
-                usage=usage(sum(len(ids) for _, ids in prompts), completion_tokens, sum(cached_tokens)),
+                usage=usage(
+                    sum(len(ids) for _, ids in prompts),
+                    completion_tokens,
+                    sum(cached_tokens),
+                    truncated_tokens,
+                ),
             )

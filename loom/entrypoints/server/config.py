@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loom.entrypoints.truncation import POLICIES
 from loom.errors import InvalidRequest
 
 TOOL_CALL_PARSERS = ("auto", "hermes", "glm4", "none")
@@ -36,6 +37,14 @@ class ServerConfig:
     """Seconds sent in the Retry-After header of 429 and 503 answers."""
     tool_call_parser: str = "auto"
     """How tool calls are read from model output: auto (hermes <tool_call> tags, else GLM-4 "name\\n{json}"), hermes, glm4, none."""
+    truncation: str = "error"
+    """A prompt longer than the context minus max_tokens: error (400), left (keep its last tokens; a chat keeps its system prompt), drop_turns (chat: drop the oldest turns; completions cut from the left). A request's `truncation` field overrides it."""
+    response_cache: bool = True
+    """Answer a repeated deterministic request (temperature 0 or a fixed seed) from memory, without running the model."""
+    response_cache_max_bytes: int = 64 * 2**20
+    """Most bytes of answers the response cache holds; the least recently used go first."""
+    response_cache_ttl_s: float = 600.0
+    """Seconds a cached answer may be served."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequest:
@@ -56,5 +65,11 @@ class ServerConfig:
             raise bad(
                 "tool_call_parser", f"must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}"
             )
+        if self.truncation not in POLICIES:
+            raise bad("truncation", f"must be one of {POLICIES}, got {self.truncation!r}")
+        if self.response_cache_max_bytes < 1:
+            raise bad("response_cache_max_bytes", f"must be >= 1, got {self.response_cache_max_bytes}")
+        if self.response_cache_ttl_s <= 0:
+            raise bad("response_cache_ttl_s", f"must be > 0, got {self.response_cache_ttl_s}")
         if self.api_key == "":
             raise bad("api_key", "must not be empty (leave it unset to disable authentication)")

@@ -1,10 +1,12 @@
 """Prometheus metrics (prefix `loom_`) in a registry owned by one app, never the process-global one.
 
-Three sources feed them:
+Four sources feed them:
 - counters and the batch-size histogram, from the engine's on_step hook (engine thread, after each step);
-- gauges (running, waiting, KV usage and free blocks), read from the engine at scrape time: an abort
-  that empties the engine runs no step, so a gauge set in on_step would keep its last value forever;
-- request latencies and finish reasons, from the handlers as each request's outputs arrive.
+- gauges (running, waiting, KV usage and free blocks) and the engine's own step and eviction counts,
+  read from the engine at scrape time: an abort that empties the engine runs no step, so a gauge set in
+  on_step would keep its last value forever;
+- the response cache's counts, read from it at scrape time;
+- request latencies, finish reasons and truncations, from the handlers.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from loom.engine.core import EngineCore
+from loom.entrypoints.response_cache import CacheStats, InMemoryResponseCache
 from loom.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -26,7 +29,8 @@ BATCH_BUCKETS = tuple(float(2**k) for k in range(13))
 
 
 class _EngineGauges(Collector):
-    """Gauges computed from the live engine on every scrape (plain ints read under the GIL)."""
+    """Values read from the live engine on every scrape (plain ints read under the GIL): gauges, and
+    counters the engine itself keeps (so they are exact at any moment, not as of the last step)."""
 
     def __init__(self, get_core: Callable[[], EngineCore | None]):
         self.get_core = get_core
@@ -38,7 +42,7 @@ class _EngineGauges(Collector):
         return self._families(None)  # names only: the engine may not exist yet
 
     def _families(self, core: EngineCore | None) -> Iterator[Metric]:
-        values = {
+        gauges = {
             "requests_running": ("Sequences in the running batch.", 0),
             "requests_waiting": ("Sequences waiting to be scheduled (incl. preempted).", 0),
             "kv_cache_usage_ratio": (
@@ -51,6 +55,12 @@ class _EngineGauges(Collector):
             ),
             "kv_total_blocks": ("KV-cache blocks in the pool.", 0),
             "kv_cached_blocks": ("KV-cache blocks holding an indexed prefix.", 0),
+            "prefix_cache_cached_blocks": ("KV-cache blocks holding an indexed prefix.", 0),
+            "kv_pinned_blocks": ("KV-cache blocks pinned for the next call of an agent program.", 0),
+        }
+        counters = {
+            "engine_steps": ("Engine steps that ran a forward pass.", 0),
+            "prefix_cache_evictions": ("Cached prefix blocks evicted to make room.", 0),
         }
         if core is not None:
             pool = core.kv.pool
@@ -61,10 +71,42 @@ class _EngineGauges(Collector):
                 "kv_free_blocks": core.kv.num_free_blocks,
                 "kv_total_blocks": pool.num_blocks,
                 "kv_cached_blocks": pool.num_cached_blocks,
+                "prefix_cache_cached_blocks": pool.num_cached_blocks,
+                "kv_pinned_blocks": core.kv.num_pinned_blocks,
+                "engine_steps": core.stats.num_steps,
+                "prefix_cache_evictions": pool.num_evictions,
             }
-            values = {name: (doc, current[name]) for name, (doc, _) in values.items()}
-        for name, (doc, value) in values.items():
+            gauges = {name: (doc, current[name]) for name, (doc, _) in gauges.items()}
+            counters = {name: (doc, current[name]) for name, (doc, _) in counters.items()}
+        for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"loom_{name}", doc, value=value)
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(f"loom_{name}", doc, value=value)
+
+
+class _ResponseCacheStats(Collector):
+    """The response cache's own counts, read on every scrape (all zero when the cache is off)."""
+
+    def __init__(self, cache: InMemoryResponseCache | None):
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.cache.stats if self.cache is not None else CacheStats()
+        yield CounterMetricFamily(
+            "loom_response_cache_hits", "Requests answered from the response cache.", value=stats.hits
+        )
+        yield CounterMetricFamily(
+            "loom_response_cache_misses",
+            "Deterministic requests looked up in the response cache and not found.",
+            value=stats.misses,
+        )
+        yield CounterMetricFamily(
+            "loom_response_cache_evictions",
+            "Answers evicted to stay within --response-cache-max-bytes.",
+            value=stats.evictions,
+        )
+        yield GaugeMetricFamily("loom_response_cache_bytes", "Bytes of cached answers.", value=stats.bytes)
+        yield GaugeMetricFamily("loom_response_cache_entries", "Cached answers.", value=stats.entries)
 
 
 @dataclass
@@ -82,7 +124,9 @@ class _Totals:
 class ServerMetrics:
     """All of one server's metrics. `on_step` is the AsyncEngine hook; `track()` follows one request."""
 
-    def __init__(self, get_core: Callable[[], EngineCore | None]):
+    def __init__(
+        self, get_core: Callable[[], EngineCore | None], response_cache: InMemoryResponseCache | None = None
+    ):
         self.registry = CollectorRegistry()
         r = self.registry
         self.prefix_cache_queries = Counter(
@@ -123,7 +167,17 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "loom_batch_size", "Tokens scheduled per engine step.", buckets=BATCH_BUCKETS, registry=r
         )
+        self.truncated_requests = Counter(
+            "loom_truncated_requests",
+            "Requests whose prompt a truncation policy cut to fit the context.",
+            ["policy"],
+            registry=r,
+        )
+        self.truncated_tokens = Counter(
+            "loom_truncated_tokens", "Prompt tokens removed by truncation policies.", registry=r
+        )
         r.register(_EngineGauges(get_core))
+        r.register(_ResponseCacheStats(response_cache))
         self._last = _Totals()
 
     def on_step(self, core: EngineCore, outputs: list[RequestOutput]) -> None:
@@ -144,6 +198,11 @@ class ServerMetrics:
         self.preemptions.inc(now.preemptions - last.preemptions)
         if now.forward_tokens > last.forward_tokens:  # a step that only preempted ran no forward
             self.batch_size.observe(now.forward_tokens - last.forward_tokens)
+
+    def on_truncated(self, policy: str, num_tokens: int) -> None:
+        if num_tokens > 0:
+            self.truncated_requests.labels(policy).inc()
+            self.truncated_tokens.inc(num_tokens)
 
     def track(self, n: int) -> RequestTracker:
         return RequestTracker(self, n)

@@ -92,6 +92,10 @@ class SamplingRequest(OpenAIModel):
     priority: int | None = None
     program_id: str | None = None
     """The agent program (workflow run) this call belongs to: the engine keeps its KV pinned for the next call."""
+    truncation: str | None = None
+    """What to do if the prompt does not fit (error, left, drop_turns); None: the server's --truncation."""
+    cache: bool | None = None
+    """False: this request neither reads nor fills the response cache."""
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -126,6 +130,18 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # Extensions, sent only when a truncation policy cut the prompt (prompt_tokens counts what ran).
+    truncated_prompt_tokens: int | None = None
+    dropped_messages: int | None = None
+    """Chat only: whole messages dropped by drop_turns (0 under left)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extensions(self, handler):
+        out = handler(self)
+        for name in ("truncated_prompt_tokens", "dropped_messages"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
 
 class TopLogprob(BaseModel):

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from loom.config import EngineConfig
 from loom.engine.async_engine import AsyncEngine
 from loom.engine.core import EngineCore
+from loom.entrypoints.response_cache import InMemoryResponseCache
 from loom.entrypoints.server.config import ServerConfig
 from loom.entrypoints.server.errors import (
     ClientDisconnected,
@@ -29,7 +30,8 @@ from loom.entrypoints.server.errors import (
 )
 from loom.entrypoints.server.metrics import ServerMetrics
 from loom.entrypoints.server.protocol import SamplingRequest, Usage
-from loom.errors import InvalidRequest
+from loom.entrypoints.truncation import check_policy
+from loom.errors import ContextLengthExceeded, InvalidRequest
 from loom.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
@@ -70,7 +72,12 @@ class ServerState:
         self.engine_config = engine_config
         self.config = config
         self.model_name = config.served_model_name or engine_config.model or "loom-tiny"
-        self.metrics = ServerMetrics(self.ready_core)
+        self.response_cache = (
+            InMemoryResponseCache(config.response_cache_max_bytes, config.response_cache_ttl_s)
+            if config.response_cache
+            else None
+        )
+        self.metrics = ServerMetrics(self.ready_core, self.response_cache)
         self.engine = AsyncEngine(engine_config, on_step=self.metrics.on_step)
         self.created = int(time.time())
         self.draining = False
@@ -143,6 +150,16 @@ class ServerState:
         self.begin_drain(timeout)
         while not self.drain_done():
             await asyncio.sleep(0.05)
+
+    # ---- fitting prompts ------------------------------------------------------------------------
+
+    def truncation_policy(self, body: SamplingRequest, chat: bool) -> str:
+        """The request's policy, else the server's. A server default of drop_turns cuts completions
+        (which have no turns) from the left; asking for drop_turns on a completion is the client's error."""
+        if body.truncation is not None:
+            return check_policy(body.truncation)
+        policy = self.config.truncation
+        return "left" if policy == "drop_turns" and not chat else policy
 
     # ---- running requests ----------------------------------------------------------------------
 
@@ -229,11 +246,16 @@ async def sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
 
 
 class SSEResponse(StreamingResponse):
-    """A streaming response that closes its event source and releases its lease however it ends
-    (finished, client gone, server shutting down), even if the stream never started."""
+    """A streaming response that closes its event source and releases its lease (if it holds one: an
+    answer replayed from the response cache does not) however it ends (finished, client gone, server
+    shutting down), even if the stream never started."""
 
-    def __init__(self, events: AsyncIterator[str], lease: Lease):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(
+        self, events: AsyncIterator[str], lease: Lease | None, headers: dict[str, str] | None = None
+    ):
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})}
+        )
         self._events = events
         self._lease = lease
 
@@ -242,7 +264,8 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._events.aclose()
-            self._lease.release()
+            if self._lease is not None:
+                self._lease.release()
 
 
 # ---- OpenAI fields -----------------------------------------------------------------------------------
@@ -311,12 +334,35 @@ def top_items(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:k]
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+def prompt_budget(core: EngineCore, max_tokens: int | None) -> int:
+    """Prompt tokens that fit beside max_tokens (None: one token must be left to generate; the answer
+    then gets the rest of the context)."""
+    budget = core.max_model_len - (1 if max_tokens is None else max_tokens)
+    if budget < 1:
+        raise ContextLengthExceeded(
+            f"max_tokens ({max_tokens}) leaves no room for a prompt in this model's context of "
+            f"{core.max_model_len} tokens",
+            param="max_tokens",
+        )
+    return budget
+
+
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    truncated_tokens: int = 0,
+    dropped_messages: int | None = None,
+) -> Usage:
+    """`dropped_messages` is chat's (None for completions); both extensions appear only when cut."""
+    cut = truncated_tokens > 0
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details={"cached_tokens": cached_tokens},
+        truncated_prompt_tokens=truncated_tokens if cut else None,
+        dropped_messages=dropped_messages if cut else None,
     )
 
 

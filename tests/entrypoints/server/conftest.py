@@ -148,6 +148,22 @@ def limited_server(servers: dict[str, Server]) -> Server:
     return servers["limited"].wait_ready()
 
 
+@pytest.fixture(scope="session")
+def launch_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """launch_server(name, *flags, api_key=None) -> a Server of the tiny model (not yet ready), stopped at
+    the end of the session: for test modules that need a server of their own configuration."""
+    logs = tmp_path_factory.mktemp("more-server-logs")
+    started: list[Server] = []
+
+    def start(name: str, *args: str, api_key: str | None = None) -> Server:
+        started.append(launch(tiny_llama_dir, logs, name, *args, api_key=api_key))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture
 def drain_server(servers: dict[str, Server]) -> Server:
     """A server the test may SIGTERM (it is not usable afterwards)."""

@@ -208,6 +208,8 @@ def test_forced_call_prefill_is_read_back_as_part_of_the_call():
 
 
 class _Core:
+    max_model_len = 4096
+
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
@@ -225,7 +227,9 @@ def test_render_tools_and_tool_choice(tiny_llama_dir):
     messages = [{"role": "user", "content": "weather?"}]
 
     def render(**fields) -> ChatPrompt:
-        return render_chat_prompt(state, core, ChatCompletionRequest(messages=messages, **fields))
+        return render_chat_prompt(
+            state, core, ChatCompletionRequest(messages=messages, **fields), 4000, "error"
+        )
 
     plain, auto = render(), render(tools=[TOOL])
     assert "get_weather" in tok.decode(auto.token_ids, skip_special_tokens=False)
@@ -247,7 +251,9 @@ def test_render_tools_and_tool_choice(tiny_llama_dir):
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]  # fmt: skip
     text = tok.decode(
-        render_chat_prompt(state, core, ChatCompletionRequest(messages=history, tools=[TOOL])).token_ids,
+        render_chat_prompt(
+            state, core, ChatCompletionRequest(messages=history, tools=[TOOL]), 4000, "error"
+        ).token_ids,
         skip_special_tokens=False,
     )
     assert '{"city": "Paris"}' in text and "<tool_response>\nsunny" in text
