@@ -121,9 +121,7 @@ class EngineClient:
 
     def end_program(self, program_id: str) -> None:
         """The run ended: unpin the KV the engine kept for the program's next call."""
-        release = getattr(self.engine, "release_program", None)
-        if release is not None:  # engines before program-aware scheduling have nothing to release
-            release(program_id)
+        self.engine.release_program(program_id)
 
     def _params(self, sampling: dict[str, Any], program_id: str | None) -> SamplingParams:
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
@@ -194,6 +192,20 @@ class OpenAIClient:
             client = AsyncOpenAI(base_url=base_url, api_key=api_key, **client_kwargs)
         self.client = client
         self.model = model
+        self._releases: set[asyncio.Task] = set()
+
+    def end_program(self, program_id: str) -> None:
+        """The run ended: ask a loom server to unpin the program's KV now rather than at its TTL.
+        Sent in the background; other servers answer 404, which is ignored."""
+        task = asyncio.get_running_loop().create_task(self._release(program_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, program_id: str) -> None:
+        try:
+            await self.client.post(f"/programs/{program_id}/release", cast_to=object)
+        except Exception as e:  # noqa: BLE001 - best effort; pins expire on their own
+            logger.debug("release of program %s not done: %s", program_id, e)
 
     async def _model(self) -> str:
         if self.model is None:
