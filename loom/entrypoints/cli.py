@@ -8,6 +8,7 @@ import logging
 import sys
 
 from loom.agent.cli import add_run_parser
+from loom.bench.cli import add_bench_parser
 from loom.config import EngineConfig, add_config_args, config_from_args
 from loom.entrypoints.server.cli import add_serve_parser
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_run_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,227 @@
+"""Workloads for `loom bench serve`: seeded, generated locally (nothing is downloaded), and the same for
+every engine they are run against.
+
+A workload is a list of items: a `Request` is sent once, when it arrives; a `Session` (the `agent`
+workload) is a conversation whose turn k+1 is built from turn k's answer, so the load generator sends it
+only after turn k finished. Prompt text is made of common English words, about one token each in the
+usual BPE vocabularies: lengths are only roughly the requested token counts, which is why the metrics
+take token counts from the server's `usage`, never from these numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from loom.errors import InvalidRequest
+
+WORKLOADS = ("random", "sharegpt-like", "shared-prefix", "agent", "jsonl:PATH")
+SHAREGPT_LENGTHS = Path(__file__).resolve().parent / "data" / "sharegpt_lengths.csv"
+
+# Short, frequent words: each is a single token (with its leading space) in GPT-2, Llama and Qwen
+# vocabularies, so N words come to roughly N tokens.
+WORDS = (
+    "the of and to in is was for on that with as by at from it his an are were which be this had not "
+    "but they have one their all new has been more its after first who when she also two time other "
+    "into can would over her we most only some three out up them may about these than people such "
+    "during year then him known city there state world under where team each many later used both "
+    "part while school he so could made four through since before high five life work best "
+    "between well small great long name game film book house music water light power land war line "
+    "group early old back play side found home way place day man end set good show right "
+    "river road field north south west east area run open hand form market price study plan step "
+    "review draft table source value change period cost model engine cache block token queue policy "
+    "program branch summary claim method risk number result trial sample error signal growth region "
+    "supply demand report survey measure rate bridge stone summer valley garden window paper letter"
+).split()
+
+
+@dataclass(slots=True)
+class Request:
+    """One request to send: a completions `prompt` (text or token ids) or chat `messages`."""
+
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 128
+    session_id: int | None = None
+    """The agent session this turn belongs to (None outside the agent workload)."""
+    turn: int | None = None
+    """0-based turn within its session."""
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("a benchmark request needs exactly one of prompt and messages")
+        if self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}", param="max_tokens")
+
+
+@dataclass(slots=True)
+class Session:
+    """An agent conversation: a (long, shared) system prompt and user turns sent one after another, each
+    with the history so far, including the model's previous answers."""
+
+    session_id: int
+    system: str
+    user_turns: list[str]
+    max_tokens: int
+
+    def request(self, turn: int, answers: list[str]) -> Request:
+        """Turn `turn`'s request, given the answers to turns 0..turn-1."""
+        if len(answers) != turn:
+            raise ValueError(f"turn {turn} needs the {turn} previous answers, got {len(answers)}")
+        messages = [{"role": "system", "content": self.system}]
+        for user, answer in zip(self.user_turns[:turn], answers, strict=True):
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": self.user_turns[turn]})
+        return Request(messages=messages, max_tokens=self.max_tokens, session_id=self.session_id, turn=turn)
+
+
+@dataclass
+class Workload:
+    name: str
+    items: list[Request | Session]
+
+    @property
+    def num_requests(self) -> int:
+        return sum(len(it.user_turns) if isinstance(it, Session) else 1 for it in self.items)
+
+
+@dataclass
+class WorkloadOptions:
+    """Shape of the generated workloads; each field is a `loom bench serve` flag."""
+
+    input_len: int = 256
+    """random / shared-prefix / agent: prompt words per request (per user turn for agent)."""
+    output_len: int = 128
+    """max_tokens of each request (jsonl: when a line gives none)."""
+    range_ratio: float = 0.0
+    """random: lengths drawn uniformly from [len * (1 - r), len * (1 + r)]."""
+    num_groups: int = 4
+    """shared-prefix: groups of requests, each group sharing one prefix."""
+    prefix_len: int = 1024
+    """shared-prefix: words in each group's shared prefix."""
+    num_turns: int = 4
+    """agent: turns per session."""
+    system_len: int = 1024
+    """agent: words in the system prompt all sessions share."""
+    token_ids_vocab: int | None = None
+    """random: send prompts as token ids drawn from [0, vocab) instead of text (completions endpoint only)."""
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choices(WORDS, k=max(1, n)))
+
+
+def _length(rng: random.Random, mean: int, ratio: float) -> int:
+    return max(1, rng.randint(math.floor(mean * (1 - ratio)), math.ceil(mean * (1 + ratio))))
+
+
+def random_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
+    """Independent prompts of random words (or token ids) with lengths around opts.input_len."""
+    if not 0 <= opts.range_ratio < 1:
+        raise InvalidRequest(f"range_ratio must be in [0, 1), got {opts.range_ratio}", param="range_ratio")
+    rng = random.Random(seed)
+    items: list[Request | Session] = []
+    for _ in range(n):
+        prompt_len = _length(rng, opts.input_len, opts.range_ratio)
+        max_tokens = _length(rng, opts.output_len, opts.range_ratio)
+        if opts.token_ids_vocab:
+            prompt: str | list[int] = [rng.randrange(opts.token_ids_vocab) for _ in range(prompt_len)]
+        else:
+            prompt = words(rng, prompt_len)
+        items.append(Request(prompt=prompt, max_tokens=max_tokens))
+    return Workload("random", items)
+
+
+def load_length_table(path: Path = SHAREGPT_LENGTHS) -> list[tuple[int, int]]:
+    """(prompt_len, output_len) rows of a CSV with that header; `#` lines are comments."""
+    with path.open() as f:
+        rows = csv.DictReader(line for line in f if not line.startswith("#"))
+        return [(int(r["prompt_len"]), int(r["output_len"])) for r in rows]
+
+
+def sharegpt_like_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
+    """Prompt/output length pairs drawn (with replacement) from the committed table of chat lengths."""
+    rng = random.Random(seed)
+    table = load_length_table()
+    items: list[Request | Session] = []
+    for prompt_len, output_len in rng.choices(table, k=n):
+        items.append(Request(prompt=words(rng, prompt_len), max_tokens=output_len))
+    return Workload("sharegpt-like", items)
+
+
+def shared_prefix_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
+    """Requests in opts.num_groups groups; a group's requests share a long prefix, then differ. Requests
+    are interleaved across groups (request i is in group i % G), as concurrent users of G documents."""
+    if opts.num_groups < 1:
+        raise InvalidRequest(f"num_groups must be >= 1, got {opts.num_groups}", param="num_groups")
+    rng = random.Random(seed)
+    prefixes = [words(rng, opts.prefix_len) for _ in range(opts.num_groups)]
+    items: list[Request | Session] = []
+    for i in range(n):
+        suffix = words(rng, opts.input_len)
+        items.append(
+            Request(prompt=f"{prefixes[i % opts.num_groups]}\n\n{suffix}", max_tokens=opts.output_len)
+        )
+    return Workload("shared-prefix", items)
+
+
+def agent_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
+    """ceil(n / num_turns) sessions of num_turns turns (the last one shorter, so n requests in all), all
+    with the same long system prompt, as many users of one agent."""
+    if opts.num_turns < 1:
+        raise InvalidRequest(f"num_turns must be >= 1, got {opts.num_turns}", param="num_turns")
+    rng = random.Random(seed)
+    system = "You are a research agent. " + words(rng, opts.system_len)
+    items: list[Request | Session] = []
+    for s, start in enumerate(range(0, n, opts.num_turns)):
+        turns = [words(rng, opts.input_len) for _ in range(min(opts.num_turns, n - start))]
+        items.append(Session(s, system, turns, opts.output_len))
+    return Workload("agent", items)
+
+
+def jsonl_workload(path: str | Path, n: int | None, opts: WorkloadOptions) -> Workload:
+    """One request per line: {"prompt": str | [int]} or {"messages": [...]}, optional "max_tokens".
+    The first n lines (all when n is None)."""
+    items: list[Request | Session] = []
+    with Path(path).open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if n is not None and len(items) == n:
+                break
+            try:
+                obj = json.loads(line)
+                items.append(
+                    Request(
+                        prompt=obj.get("prompt"),
+                        messages=obj.get("messages"),
+                        max_tokens=int(obj.get("max_tokens", opts.output_len)),
+                    )
+                )
+            except (ValueError, TypeError, AttributeError) as e:
+                raise InvalidRequest(f"{path}:{lineno}: {e}") from e
+    if not items:
+        raise InvalidRequest(f"{path} holds no requests")
+    return Workload(f"jsonl:{path}", items)
+
+
+def make_workload(spec: str, n: int, seed: int, opts: WorkloadOptions | None = None) -> Workload:
+    """The workload named by `spec` (one of WORKLOADS) with n requests."""
+    opts = opts or WorkloadOptions()
+    if n < 1:
+        raise InvalidRequest(f"num_requests must be >= 1, got {n}", param="num_requests")
+    if spec.startswith("jsonl:"):
+        return jsonl_workload(spec.removeprefix("jsonl:"), n, opts)
+    builders = {
+        "random": random_workload,
+        "sharegpt-like": sharegpt_like_workload,
+        "shared-prefix": shared_prefix_workload,
+        "agent": agent_workload,
+    }
+    if spec not in builders:
+        raise InvalidRequest(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")
+    return builders[spec](n, opts, seed)
