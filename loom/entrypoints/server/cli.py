@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from types import FrameType
 
@@ -75,6 +76,10 @@ def run_server(args: argparse.Namespace) -> None:
     from loom.entrypoints.server.app import create_app
 
     engine_config = engine_config_from_args(args)
+    if engine_config.num_threads is None:
+        # On CPU the HTTP event loop and the detokenizer need a core of their own: torch's worker
+        # threads spin, and sharing every core with them slowed serving ~10x in benchmarks/serving.py.
+        engine_config.num_threads = max(1, (os.cpu_count() or 2) - 1)
     server_config = server_config_from_args(args)
     app = create_app(engine_config, server_config)
     config = uvicorn.Config(
