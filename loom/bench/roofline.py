@@ -33,6 +33,18 @@ class Roofline:
     memory_bandwidth: float = 0.0
     """Bytes/s of a large tensor copy, counting bytes read plus bytes written."""
 
+    def best(self, other: Roofline) -> Roofline:
+        """Field-wise maximum of two measurements of the same setup: on a shared machine, a ceiling is
+        the best a measurement reached, and a low one was disturbed by other processes."""
+        return Roofline(
+            dtype=self.dtype,
+            num_threads=self.num_threads,
+            square_flops=max(self.square_flops, other.square_flops),
+            square_size=self.square_size,
+            model_flops={m: max(f, other.model_flops.get(m, 0.0)) for m, f in self.model_flops.items()},
+            memory_bandwidth=max(self.memory_bandwidth, other.memory_bandwidth),
+        )
+
     @property
     def peak_flops(self) -> float:
         """The best matmul rate measured: the ceiling a roofline is drawn at."""
