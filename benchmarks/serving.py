@@ -64,7 +64,14 @@ def free_port() -> int:
 def online(model: str, args, reqs):
     port = free_port()
     cmd = [sys.executable, "-m", "loom.entrypoints.cli", "--log-level", "WARNING", "serve", "--model", model]
-    cmd += ["--port", str(port), "--dtype", args.dtype, "--num-threads", str(args.server_threads or args.threads)]
+    cmd += [
+        "--port",
+        str(port),
+        "--dtype",
+        args.dtype,
+        "--num-threads",
+        str(args.server_threads or args.threads),
+    ]
     cmd += ["--no-enable-prefix-caching", "--served-model-name", "bench", "--max-waiting", "1000"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, env=env)
@@ -92,7 +99,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the built-in ~88M llama)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--server-threads", type=int, default=None, help="torch threads of the server (default --threads)")
+    ap.add_argument(
+        "--server-threads", type=int, default=None, help="torch threads of the server (default --threads)"
+    )
     ap.add_argument("--num-requests", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

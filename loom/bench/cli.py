@@ -36,6 +36,16 @@ def add_bench_parser(subparsers: Any) -> Any:
     )
     sub = bench.add_subparsers(dest="bench_command", required=True)
     add_serve_bench_parser(sub)
+    from loom.bench import throughput
+
+    parser = sub.add_parser(
+        "throughput",
+        help="offline throughput: loom vs HF transformers, with the measured roofline",
+        description=throughput.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    throughput.add_arguments(parser)
+    parser.set_defaults(func=throughput.run)
     return sub
 
 
