@@ -1,8 +1,8 @@
 """Paged attention: the metadata one step's forward needs, and the plain-PyTorch backend.
 
 The backend writes each new token's K/V into its slot of the paged cache, then attends:
-decode tokens (one query each) in one padded batch over their block tables; prefill chunks one
-sequence at a time, causal over cached + new tokens. It runs on CPU and CUDA and is the reference
+decode tokens (one query each) in a few padded batches of similar context length (DecodeGroup) over
+their block tables; prefill chunks one sequence at a time, causal over cached + new tokens. It runs on CPU and CUDA and is the reference
 every faster backend is tested against.
 """
 
@@ -27,6 +27,19 @@ class PrefillSeq:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decode sequences of similar length, gathered and attended as one padded batch. Padding every decode
+    to the longest context of the step would gather (and multiply) up to twice the keys needed."""
+
+    token_idx: torch.Tensor
+    """[n] positions in the batch of these single-token queries."""
+    block_table: torch.Tensor
+    """[n, max_blocks] block ids of each sequence, padded with 0."""
+    key_mask: torch.Tensor
+    """[1, n, 1, max_blocks * block_size] True where a key position is inside the sequence."""
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Where one step's tokens go in the cache and what each attends to. Built once per step by the
     runner and passed explicitly through the model (no global forward context)."""
@@ -34,12 +47,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     """[num_tokens] cache slot (block_id * block_size + offset) of each new token."""
     block_size: int
-    decode_token_idx: torch.Tensor | None = None
-    """[num_decodes] positions in the batch of single-token (decode) queries."""
-    decode_block_table: torch.Tensor | None = None
-    """[num_decodes, max_blocks] block ids of each decode sequence, padded with 0."""
-    decode_key_mask: torch.Tensor | None = None
-    """[1, num_decodes, 1, max_blocks * block_size] True where a key position is inside the sequence."""
+    decodes: list[DecodeGroup] | None = None
     prefills: list[PrefillSeq] | None = None
 
 
@@ -77,8 +85,8 @@ class Attention(nn.Module):
         cache.k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         cache.v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
-        if meta.decode_token_idx is not None:
-            out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], cache, meta)
+        for group in meta.decodes or ():
+            out[group.token_idx] = self._decode(q[group.token_idx], cache, group, meta.block_size)
         for seq in meta.prefills or ():
             end = seq.start + seq.num_new
             out[seq.start : end] = self._prefill(
@@ -90,20 +98,20 @@ class Attention(nn.Module):
         # q: [B, H, Lq, D]; k, v: [B, KvH, Lk, D]
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=self.gqa, **kwargs)
 
-    def _decode(self, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, cache: KVCache, group: DecodeGroup, block_size: int) -> torch.Tensor:
         # Grouped matmuls instead of SDPA: with a padding mask and a batch of single queries, CPU SDPA
         # falls back to a slow path (6x slower in bf16 at batch 48); this keeps K/V unrepeated for GQA
         # and does the softmax in float32 like HF's eager attention.
-        num_seqs, max_blocks = meta.decode_block_table.shape
-        group = self.num_heads // self.num_kv_heads
-        shape = (self.num_kv_heads, num_seqs, max_blocks * meta.block_size, self.head_dim)
+        num_seqs, max_blocks = group.block_table.shape
+        shape = (self.num_kv_heads, num_seqs, max_blocks * block_size, self.head_dim)
         # index_select over the flattened table: same tensor as advanced indexing, 3-5x faster on CPU.
-        blocks = meta.decode_block_table.flatten()
+        blocks = group.block_table.flatten()
         k = cache.k.index_select(1, blocks).view(shape)  # [KvH, B, L, D]
         v = cache.v.index_select(1, blocks).view(shape)
-        q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [KvH, B, G, D]
+        q_per_kv = self.num_heads // self.num_kv_heads
+        q = q.view(num_seqs, self.num_kv_heads, q_per_kv, self.head_dim).transpose(0, 1)  # [KvH, B, G, D]
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale  # [KvH, B, G, L]
-        scores.masked_fill_(~meta.decode_key_mask, float("-inf"))
+        scores.masked_fill_(~group.key_mask, float("-inf"))
         out = torch.matmul(scores.softmax(dim=-1).to(q.dtype), v)  # [KvH, B, G, D]
         return out.transpose(0, 1).reshape(num_seqs, self.num_heads, self.head_dim)
 

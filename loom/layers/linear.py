@@ -2,6 +2,11 @@
 
 Each parameter carries a `weight_loader(param, tensor, shard_id)` the model loader calls, so packing is
 the layer's business and the loader stays a name mapping.
+
+On CPU in bfloat16, `prepack_linears` reorders every weight once, after loading, into oneDNN's blocked
+layout. A plain `F.linear` reorders the weight on every call, which costs as much as the product itself
+at decode batch sizes: prepacked, a [16, 768] x [768, 4864] GEMM runs at 415 instead of 231 GFLOP/s on
+the 2-core benchmark machine (little difference from M = 256 up).
 """
 
 from __future__ import annotations
@@ -17,7 +22,23 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
     param.data.copy_(loaded)
 
 
+# The batch size oneDNN tunes a prepacked weight's layout for: a typical decode step's rows.
+PREPACK_BATCH_HINT = 32
+
+
+def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
 class Linear(nn.Module):
+    packed: torch.Tensor | None = None
+    """The weight in oneDNN's layout once `prepack` ran (then `weight` may be an empty placeholder)."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features = in_features
@@ -33,8 +54,31 @@ class Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
 
+    def prepack(self, keep_weight: bool) -> None:
+        """Reorder the weight for oneDNN (see the module docstring). Without keep_weight the plain copy is
+        freed: only a weight something else also uses (tied embeddings) needs to stay."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PREPACK_BATCH_HINT)
+        if not keep_weight:
+            self.weight.data = self.weight.data.new_empty(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Prepack every Linear of a loaded model when its dtype and device gain from it; returns how many."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not linears or not can_prepack(linears[0].weight.dtype, linears[0].weight.device):
+        return 0
+    # Parameters a non-Linear module uses too (a tied lm_head shares the embedding) keep their plain copy.
+    shared = {
+        id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)
+    }
+    for linear in linears:
+        linear.prepack(keep_weight=id(linear.weight) in shared)
+    return len(linears)
 
 
 class MergedLinear(Linear):

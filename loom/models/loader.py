@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from loom.errors import ModelLoadError
+from loom.layers.linear import prepack_linears
 from loom.models.config import ModelConfig
 from loom.models.registry import model_class
 
@@ -57,6 +58,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn
     with _default_dtype(dtype), torch.device(device):
         model = cls(cfg)
     load_weights(model, path, dtype)
+    prepack_linears(model)
     return model.eval()
 
 

@@ -78,6 +78,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
 ENGINE_PATHS = {
     # one step can hold every prompt whole
     "batched": dict(max_num_batched_tokens=4096, num_blocks=512),
+    # decodes split into one attention group per distinct length (see group_by_length)
+    "decode_groups": dict(max_num_batched_tokens=4096, num_blocks=512),
     # prompts are split into chunks of at most 48 tokens, mixed with decodes in each step
     "chunked_prefill": dict(max_num_batched_tokens=48, num_blocks=512),
     # 30 blocks of 16 tokens: the first five prompts are admitted (27 blocks) and their decodes outgrow the
@@ -92,6 +94,8 @@ ENGINE_PATHS = {
 def test_greedy_matches_hf(arch_setup, path_name):
     arch, path, hf, prompts, refs = arch_setup
     llm = LLM(str(path), dtype="float32", **ENGINE_PATHS[path_name])
+    if path_name == "decode_groups":
+        llm.engine.runner.decode_group_cost = 0
     outs = llm.generate(prompts, GREEDY)
     for k, (out, (ref_tokens, scores)) in enumerate(zip(outs, refs, strict=True)):
         c = out.outputs[0]

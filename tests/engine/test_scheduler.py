@@ -336,3 +336,13 @@ def test_prefix_cache_stats_count_each_admission_once():
     assert step(sched) == [("b", 5)]
     stats = sched.kv.stats
     assert (stats.queries, stats.hits) == (12 + 13, 8)
+
+
+def test_decode_groups_split_where_padding_costs_more_than_a_group():
+    from loom.engine.runner import group_by_length
+
+    # Longest first; (12 - 3) blocks x 3 sequences left = 27 > 20: a new group starts at the 3-block one.
+    assert group_by_length([3, 12, 11, 3, 2], group_cost=20) == [[1, 2], [0, 3, 4]]
+    assert group_by_length([3, 12, 11, 3, 2], group_cost=1000) == [[1, 2, 0, 3, 4]]
+    assert group_by_length([3, 12, 11, 3, 2], group_cost=0) == [[1], [2], [0, 3], [4]]
+    assert group_by_length([], group_cost=0) == []
