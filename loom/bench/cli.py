@@ -66,7 +66,12 @@ def add_serve_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-concurrency", type=int, help=doc["max_concurrency"])
     p.add_argument("--burstiness", type=float, default=1.0, help=doc["burstiness"] + " (default: 1)")
-    p.add_argument("--num-requests", type=int, default=100, help="requests in the timed run (default: 100)")
+    p.add_argument(
+        "--num-requests",
+        type=int,
+        default=100,
+        help="requests in the timed run; dag: rounded up to whole programs (default: 100)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests sent first (default: 1)")
     p.add_argument("--workload", default="random", help=f"one of {', '.join(WORKLOADS)} (default: random)")
     p.add_argument("--seed", type=int, default=0, help=doc["seed"] + " (default: 0)")

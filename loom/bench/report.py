@@ -23,7 +23,8 @@ RESULT_SCHEMA: dict[str, str] = {
     "base_url": "str: the server benchmarked",
     "model": "str: the model name sent",
     "endpoint": 'str: "chat" or "completions"',
-    "workload": 'str: the workload ("random", "sharegpt-like", "shared-prefix", "agent", "jsonl:PATH")',
+    "workload": 'str: the workload ("random", "sharegpt-like", "shared-prefix", "agent", "dag", '
+    '"jsonl:PATH")',
     "num_requests": "int: requests in the timed run (warm-up excluded)",
     "warmup": "int: warm-up requests sent first and not measured",
     "request_rate": 'float | "inf": mean arrivals per second',
@@ -35,7 +36,8 @@ RESULT_SCHEMA: dict[str, str] = {
     "extra_body": "object: fields merged into every request body",
     "goodput_slos_ms": "object: {ttft|tpot|e2el: ms} SLOs for request_goodput (empty: none given)",
     "completed": "int: requests that streamed an answer",
-    "failed": "int: requests that did not (HTTP error, broken stream, or an earlier agent turn failed)",
+    "failed": "int: requests that did not (HTTP error, broken stream, or not sent: an earlier agent turn or "
+    "dag call it needed failed)",
     "duration": "float: seconds from the first arrival to the end of the last request",
     "total_input_tokens": "int: prompt tokens of completed requests (server usage)",
     "total_output_tokens": "int: completion tokens of completed requests (server usage)",
@@ -53,9 +55,10 @@ RESULT_SCHEMA: dict[str, str] = {
 }
 
 REQUEST_SCHEMA: dict[str, str] = {
-    "index": "int: position in the workload (agent turns of one session are consecutive)",
-    "session_id": "int | null: agent session",
-    "turn": "int | null: 0-based turn within the session",
+    "index": "int: position in the workload (the turns of an agent session, and the calls of a dag program, "
+    "are consecutive)",
+    "session_id": "int | null: agent session or dag program (null: not sent, or neither workload)",
+    "turn": "int | null: 0-based turn within the session (dag: 0 for a branch call, 1 for the summary)",
     "success": "bool",
     "error": "str | null: why it failed",
     "start_s": "float: when it was sent, seconds after the run began",

@@ -5,6 +5,9 @@ each request saw. Only the server's own answers are measured: token counts come 
 Arrivals are a gamma process (shape = burstiness, mean interval 1 / rate; burstiness 1 is Poisson), or
 all at once when the rate is infinite; --max-concurrency caps requests in flight. Each request is timed
 from when it is sent (after waiting for a concurrency slot), as vLLM's benchmark does.
+
+A `dag` program runs through loom's agent runtime with this generator as its chat client
+(loom/bench/programs.py), so each of its LLM calls is measured like any other request.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import httpx
 from tqdm import tqdm
 
 from loom.bench.metrics import RequestRecord
-from loom.bench.workloads import Request, Session, Workload
+from loom.bench.programs import BenchChatClient
+from loom.bench.workloads import DagProgram, Item, Request, Session, Workload
 from loom.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -137,6 +141,8 @@ class LoadGenerator:
         self.extra_body = dict(config.extra_body)
         if config.ignore_eos:
             self.extra_body.setdefault("ignore_eos", True)
+        self.is_loom = False
+        """Whether the server is loom (set by _probe_models): only then are loom's own fields sent."""
 
     def body(self, request: Request) -> dict:
         body: dict = {"model": self.config.model, "max_tokens": request.max_tokens}
@@ -151,6 +157,9 @@ class LoadGenerator:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        # Other servers may refuse a field they do not know (hosted APIs do).
+        if self.is_loom and request.program_id is not None:
+            body["program_id"] = request.program_id
         return body | self.extra_body
 
     async def send(self, request: Request, record: RequestRecord, t0: float) -> RequestRecord:
@@ -208,15 +217,16 @@ class LoadGenerator:
 @dataclass
 class ServeRun:
     records: list[RequestRecord]
-    """One per request of the timed run, in workload order (agent turns consecutive)."""
+    """One per request of the timed run, in workload order (an agent session's turns consecutive, and a
+    dag program's calls, in the order they were made)."""
     duration: float
     extra_body: dict
     """What was merged into every request body (including what the generator added for this server)."""
 
 
 async def _probe_models(gen: LoadGenerator) -> None:
-    """Check the model name against /models; on loom, bypass its response cache, which would answer a
-    repeated greedy request from memory and measure nothing of the engine."""
+    """Check the model name against /models and whether the server is loom; on loom, bypass its response
+    cache, which would answer a repeated greedy request from memory and measure nothing of the engine."""
     try:
         resp = await gen.client.get(gen.config.api_base + "/models", timeout=10)
         cards = (resp.json().get("data") or []) if resp.status_code == 200 else []
@@ -228,7 +238,10 @@ async def _probe_models(gen: LoadGenerator) -> None:
         logger.warning(
             "model %r is not among the server's models %s", gen.config.model, [c.get("id") for c in cards]
         )
-    if card is not None and card.get("owned_by") == "loom" and "cache" not in gen.extra_body:
+    if card is None or card.get("owned_by") != "loom":
+        return
+    gen.is_loom = True
+    if "cache" not in gen.extra_body:
         logger.info("loom server: sending cache=false so its response cache is bypassed")
         gen.extra_body["cache"] = False
 
@@ -250,18 +263,41 @@ async def _run_session(
 
 
 async def _run_item(
-    gen: LoadGenerator, item, records: list[RequestRecord], t0: float, slot, bar: tqdm
+    gen: LoadGenerator,
+    item: Item,
+    records: list[RequestRecord],
+    t0: float,
+    slot,
+    bar: tqdm,
+    programs: BenchChatClient,
 ) -> None:
     if isinstance(item, Session):
         await _run_session(gen, item, records, t0, slot, bar)
-        return
-    async with slot:
-        await gen.send(item, records[0], t0)
-    bar.update()
+    elif isinstance(item, DagProgram):
+        await programs.run(item, records)
+    else:
+        async with slot:
+            await gen.send(item, records[0], t0)
+        bar.update()
+
+
+def _check_endpoint(config: ServeConfig, workload: Workload) -> None:
+    """Refuse items the endpoint cannot carry, before anything is sent."""
+    if config.endpoint == "chat" and any(
+        isinstance(it, Request) and it.prompt is not None and not isinstance(it.prompt, str)
+        for it in workload.items
+    ):
+        raise InvalidRequest("token-id prompts need --endpoint completions", param="endpoint")
+    if config.endpoint != "chat" and any(isinstance(it, DagProgram) for it in workload.items):
+        raise InvalidRequest(
+            "the dag workload runs chat calls through the agent runtime: it needs --endpoint chat",
+            param="endpoint",
+        )
 
 
 async def run_load(config: ServeConfig, workload: Workload, warmup: Workload | None = None) -> ServeRun:
     """Send the warm-up requests (not measured), then the workload on its arrival schedule."""
+    _check_endpoint(config, workload)
     limits = httpx.Limits(
         max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
     )
@@ -269,11 +305,6 @@ async def run_load(config: ServeConfig, workload: Workload, warmup: Workload | N
     timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, 30.0))
     async with httpx.AsyncClient(limits=limits, headers=headers, timeout=timeout) as client:
         gen = LoadGenerator(config, client)
-        if config.endpoint == "chat" and any(
-            isinstance(it, Request) and it.prompt is not None and not isinstance(it.prompt, str)
-            for it in workload.items
-        ):
-            raise InvalidRequest("token-id prompts need --endpoint completions", param="endpoint")
         await _probe_models(gen)
         slot = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else nullcontext()
         if warmup is not None and warmup.items:
@@ -284,23 +315,24 @@ async def run_load(config: ServeConfig, workload: Workload, warmup: Workload | N
         times = arrival_times(len(workload.items), config.request_rate, config.burstiness, config.seed)
         with tqdm(total=n, desc="bench serve", unit="req", disable=None if config.progress else True) as bar:
             t0 = time.perf_counter()
+            programs = BenchChatClient(gen, t0, slot, bar)
             tasks, first = [], 0
             for item, at in zip(workload.items, times, strict=True):
-                size = len(item.user_turns) if isinstance(item, Session) else 1
                 if (delay := t0 + at - time.perf_counter()) > 0:
                     await asyncio.sleep(delay)
-                batch = records[first : first + size]
-                tasks.append(asyncio.create_task(_run_item(gen, item, batch, t0, slot, bar)))
-                first += size
+                batch = records[first : first + item.num_requests]
+                tasks.append(asyncio.create_task(_run_item(gen, item, batch, t0, slot, bar, programs)))
+                first += item.num_requests
             await asyncio.gather(*tasks)
             duration = time.perf_counter() - t0
+            await programs.released()
     return ServeRun(records, duration, dict(gen.extra_body))
 
 
 async def _warm_up(gen: LoadGenerator, warmup: Workload, slot) -> None:
     """Send the first turn of each warm-up item, concurrently; fail early if none succeeds (a wrong URL,
     model name or key shows here, before the timed run)."""
-    requests = [it.request(0, []) if isinstance(it, Session) else it for it in warmup.items]
+    requests = [it.first_request() for it in warmup.items]
     records = [RequestRecord(i) for i in range(len(requests))]
 
     async def one(request: Request, record: RequestRecord) -> None:

@@ -3,9 +3,11 @@ every engine they are run against.
 
 A workload is a list of items: a `Request` is sent once, when it arrives; a `Session` (the `agent`
 workload) is a conversation whose turn k+1 is built from turn k's answer, so the load generator sends it
-only after turn k finished. Prompt text is made of common English words, about one token each in the
-usual BPE vocabularies: lengths are only roughly the requested token counts, which is why the metrics
-take token counts from the server's `usage`, never from these numbers.
+only after turn k finished; a `DagProgram` (the `dag` workload) is a fan-out/fan-in workflow run through
+loom's agent runtime: questions about one document asked in parallel, then a summary of their answers.
+Prompt text is made of common English words, about one token each in the usual BPE vocabularies:
+lengths are only roughly the requested token counts, which is why the metrics take token counts from
+the server's `usage`, never from these numbers.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from loom.agent.graph import Workflow
 from loom.errors import InvalidRequest
 
-WORKLOADS = ("random", "sharegpt-like", "shared-prefix", "agent", "jsonl:PATH")
+WORKLOADS = ("random", "sharegpt-like", "shared-prefix", "agent", "dag", "jsonl:PATH")
 SHAREGPT_LENGTHS = Path(__file__).resolve().parent / "data" / "sharegpt_lengths.csv"
 
 # Short, frequent words: each is a single token (with its leading space) in GPT-2, Llama and Qwen
@@ -47,15 +50,24 @@ class Request:
     messages: list[dict[str, str]] | None = None
     max_tokens: int = 128
     session_id: int | None = None
-    """The agent session this turn belongs to (None outside the agent workload)."""
+    """The agent session or dag program this call belongs to (None outside those workloads)."""
     turn: int | None = None
-    """0-based turn within its session."""
+    """0-based turn within its session (dag: 0 for a branch call, 1 for the summary)."""
+    program_id: str | None = None
+    """The agent program this call belongs to: sent as loom's `program_id` body field, to loom only."""
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequest("a benchmark request needs exactly one of prompt and messages")
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}", param="max_tokens")
+
+    @property
+    def num_requests(self) -> int:
+        return 1
+
+    def first_request(self) -> Request:
+        return self
 
 
 @dataclass(slots=True)
@@ -68,6 +80,13 @@ class Session:
     user_turns: list[str]
     max_tokens: int
 
+    @property
+    def num_requests(self) -> int:
+        return len(self.user_turns)
+
+    def first_request(self) -> Request:
+        return self.request(0, [])
+
     def request(self, turn: int, answers: list[str]) -> Request:
         """Turn `turn`'s request, given the answers to turns 0..turn-1."""
         if len(answers) != turn:
@@ -79,14 +98,57 @@ class Session:
         return Request(messages=messages, max_tokens=self.max_tokens, session_id=self.session_id, turn=turn)
 
 
-@dataclass
-class Workload:
-    name: str
-    items: list[Request | Session]
+@dataclass(slots=True)
+class DagProgram:
+    """A fan-out/fan-in agent program: one call per question about the document (the document is their
+    shared system prompt), all at once, then a summary call whose prompt holds every answer."""
+
+    program_index: int
+    document: str
+    questions: list[str]
+    max_tokens: int
 
     @property
     def num_requests(self) -> int:
-        return sum(len(it.user_turns) if isinstance(it, Session) else 1 for it in self.items)
+        return len(self.questions) + 1
+
+    def branch_messages(self, branch: int) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": self.document},
+            {"role": "user", "content": self.questions[branch]},
+        ]
+
+    def first_request(self) -> Request:
+        """The first branch call as a plain request (for warm-up)."""
+        return Request(
+            messages=self.branch_messages(0),
+            max_tokens=self.max_tokens,
+            session_id=self.program_index,
+            turn=0,
+        )
+
+    def to_workflow(self) -> Workflow:
+        """Nodes branch_0.. (no deps) and summary, which reads each of them, so depends on all."""
+        wf = Workflow(f"dag-{self.program_index}", sampling={"max_tokens": self.max_tokens})
+        for b in range(len(self.questions)):
+            # Node messages are templates: WORDS hold no braces, so the text is taken literally.
+            wf.llm(f"branch_{b}", messages=self.branch_messages(b))
+        notes = "\n".join(f"Answer {b + 1}: {{branch_{b}}}" for b in range(len(self.questions)))
+        wf.llm("summary", f"Write one short summary of these answers about one document.\n{notes}")
+        return wf
+
+
+Item = Request | Session | DagProgram
+
+
+@dataclass
+class Workload:
+    name: str
+    items: list[Item]
+
+    @property
+    def num_requests(self) -> int:
+        return sum(it.num_requests for it in self.items)
 
 
 @dataclass
@@ -94,7 +156,8 @@ class WorkloadOptions:
     """Shape of the generated workloads; each field is a `loom bench serve` flag."""
 
     input_len: int = 256
-    """random / shared-prefix / agent: prompt words per request (per user turn for agent)."""
+    """random / shared-prefix / agent / dag: prompt words per request (agent: per user turn; dag: per
+    question)."""
     output_len: int = 128
     """max_tokens of each request (jsonl: when a line gives none)."""
     range_ratio: float = 0.0
@@ -102,11 +165,13 @@ class WorkloadOptions:
     num_groups: int = 4
     """shared-prefix: groups of requests, each group sharing one prefix."""
     prefix_len: int = 1024
-    """shared-prefix: words in each group's shared prefix."""
+    """shared-prefix / dag: words in each group's shared prefix (dag: in each program's document)."""
     num_turns: int = 4
     """agent: turns per session."""
     system_len: int = 1024
     """agent: words in the system prompt all sessions share."""
+    num_branches: int = 4
+    """dag: questions each program asks about its document in parallel, before its summary call."""
     token_ids_vocab: int | None = None
     """random: send prompts as token ids drawn from [0, vocab) instead of text (completions endpoint only)."""
 
@@ -124,7 +189,7 @@ def random_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
     if not 0 <= opts.range_ratio < 1:
         raise InvalidRequest(f"range_ratio must be in [0, 1), got {opts.range_ratio}", param="range_ratio")
     rng = random.Random(seed)
-    items: list[Request | Session] = []
+    items: list[Item] = []
     for _ in range(n):
         prompt_len = _length(rng, opts.input_len, opts.range_ratio)
         max_tokens = _length(rng, opts.output_len, opts.range_ratio)
@@ -147,7 +212,7 @@ def sharegpt_like_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload
     """Prompt/output length pairs drawn (with replacement) from the committed table of chat lengths."""
     rng = random.Random(seed)
     table = load_length_table()
-    items: list[Request | Session] = []
+    items: list[Item] = []
     for prompt_len, output_len in rng.choices(table, k=n):
         items.append(Request(prompt=words(rng, prompt_len), max_tokens=output_len))
     return Workload("sharegpt-like", items)
@@ -160,7 +225,7 @@ def shared_prefix_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload
         raise InvalidRequest(f"num_groups must be >= 1, got {opts.num_groups}", param="num_groups")
     rng = random.Random(seed)
     prefixes = [words(rng, opts.prefix_len) for _ in range(opts.num_groups)]
-    items: list[Request | Session] = []
+    items: list[Item] = []
     for i in range(n):
         suffix = words(rng, opts.input_len)
         items.append(
@@ -176,17 +241,32 @@ def agent_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
         raise InvalidRequest(f"num_turns must be >= 1, got {opts.num_turns}", param="num_turns")
     rng = random.Random(seed)
     system = "You are a research agent. " + words(rng, opts.system_len)
-    items: list[Request | Session] = []
+    items: list[Item] = []
     for s, start in enumerate(range(0, n, opts.num_turns)):
         turns = [words(rng, opts.input_len) for _ in range(min(opts.num_turns, n - start))]
         items.append(Session(s, system, turns, opts.output_len))
     return Workload("agent", items)
 
 
+def dag_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
+    """ceil(n / (num_branches + 1)) programs of num_branches + 1 calls each, so n rounded up to whole
+    programs. Each program has its own document: the cache can only help within a program, whose
+    branches share their document as a prefix."""
+    if opts.num_branches < 1:
+        raise InvalidRequest(f"num_branches must be >= 1, got {opts.num_branches}", param="num_branches")
+    rng = random.Random(seed)
+    items: list[Item] = []
+    for p in range(math.ceil(n / (opts.num_branches + 1))):
+        document = "Answer from this document. " + words(rng, opts.prefix_len)
+        questions = [words(rng, opts.input_len) for _ in range(opts.num_branches)]
+        items.append(DagProgram(p, document, questions, opts.output_len))
+    return Workload("dag", items)
+
+
 def jsonl_workload(path: str | Path, n: int | None, opts: WorkloadOptions) -> Workload:
     """One request per line: {"prompt": str | [int]} or {"messages": [...]}, optional "max_tokens".
     The first n lines (all when n is None)."""
-    items: list[Request | Session] = []
+    items: list[Item] = []
     with Path(path).open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -221,6 +301,7 @@ def make_workload(spec: str, n: int, seed: int, opts: WorkloadOptions | None = N
         "sharegpt-like": sharegpt_like_workload,
         "shared-prefix": shared_prefix_workload,
         "agent": agent_workload,
+        "dag": dag_workload,
     }
     if spec not in builders:
         raise InvalidRequest(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")

@@ -181,6 +181,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix no running request holds (for benchmarks that repeat prompts).
+        Returns how many blocks were dropped."""
+        return self.kv.reset_prefix_cache()
+
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -108,6 +108,11 @@ class LLM:
         ]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached prefixes of earlier calls (e.g. between timed rounds that repeat prompts);
+        returns how many KV blocks were dropped."""
+        return self.engine.reset_prefix_cache()
+
     def _run(
         self, order: list[str], texts: dict[str, str | None], use_tqdm: bool | None
     ) -> list[RequestOutput]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
+import httpx
 import pytest
 
 from loom.bench.cli import main
 from loom.bench.metrics import compute_metrics
 from loom.bench.report import REQUEST_SCHEMA, RESULT_SCHEMA
-from loom.bench.serve import ServeConfig, run_load
-from loom.bench.workloads import WorkloadOptions, make_workload
+from loom.bench.serve import LoadGenerator, ServeConfig, _probe_models, run_load
+from loom.bench.workloads import Request, WorkloadOptions, make_workload
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +72,73 @@ def test_agent_turn_is_sent_after_the_previous_one_with_its_answer(server):
     assert run.records[3].start < run.records[2].start
 
 
+def test_dag_programs_run_through_the_agent_runtime_and_are_measured(server):
+    opts = WorkloadOptions(num_branches=2, prefix_len=64, input_len=8, output_len=4)
+    workload = make_workload("dag", 6, seed=0, opts=opts)
+    warmup = make_workload("dag", 1, seed=1, opts=opts)  # as the CLI makes it: one first-branch call
+    generated_before = server.metric("loom_generation_tokens_total")
+    run = asyncio.run(run_load(config(server, ignore_eos=True, max_concurrency=2), workload, warmup))
+
+    assert all(r.success for r in run.records), [r.error for r in run.records]
+    assert [(r.request.session_id, r.request.turn) for r in run.records] == [
+        (p, t) for p in (0, 1) for t in (0, 0, 1)
+    ]
+    for program, records in zip(workload.items, (run.records[:3], run.records[3:]), strict=True):
+        *branches, summary = records
+        assert sorted(b.request.messages[-1]["content"] for b in branches) == sorted(program.questions)
+        assert all(b.request.messages[0]["content"] == program.document for b in branches)
+        assert all(b.prompt_tokens > 64 for b in branches)  # the document is in every branch prompt
+        # The fan-in waits for every branch and reads each answer.
+        assert summary.start >= max(b.start + b.e2el for b in branches)
+        assert all(b.text in summary.request.messages[-1]["content"] for b in branches)
+    assert all(r.usage_reported and r.output_tokens == 4 for r in run.records)
+    total = sum(r.output_tokens for r in run.records)
+    assert server.metric("loom_generation_tokens_total") - generated_before == total + 4 == 28
+    m = compute_metrics(run.records, run.duration)
+    assert (m.completed, m.failed) == (6, 0) and m.ttft.count == 6
+    # Each program's release reached the server: nothing stays pinned for a next call (the TTL is 30 s).
+    deadline = time.monotonic() + 5
+    while server.metric("loom_kv_pinned_blocks") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("loom_kv_pinned_blocks") == 0
+
+
+def test_program_id_is_sent_to_loom_only(server):
+    request = Request(messages=[{"role": "user", "content": "hi"}], program_id="p-1")
+
+    async def bodies() -> tuple[dict, dict]:
+        async with httpx.AsyncClient() as client:
+            gen = LoadGenerator(config(server), client)
+            before = gen.body(request)
+            await _probe_models(gen)
+            return before, gen.body(request)
+
+    unknown, loom = asyncio.run(bodies())
+    assert "program_id" not in unknown and loom["program_id"] == "p-1"
+
+
+def test_dag_needs_the_chat_endpoint():
+    argv = ["serve", "--base-url", "http://127.0.0.1:9", "--model", "m", "--endpoint", "completions"]
+    with pytest.raises(SystemExit, match="dag workload .* needs --endpoint chat"):
+        main(argv + ["--workload", "dag", "--num-requests", "3", "--no-progress"])
+
+
 def test_failed_requests_are_counted_not_measured(server):
     workload = make_workload("random", 3, seed=0, opts=WorkloadOptions(input_len=4, output_len=2))
     run = asyncio.run(run_load(ServeConfig(server.url, "no-such-model", progress=False), workload))
     assert all(not r.success and r.error.startswith("HTTP 4") for r in run.records)
     m = compute_metrics(run.records, run.duration)
     assert (m.completed, m.failed, m.ttft.mean) == (0, 3, None)
+
+
+def test_a_failed_branch_leaves_its_summary_unsent(server):
+    opts = WorkloadOptions(num_branches=2, prefix_len=8, input_len=4, output_len=2)
+    workload = make_workload("dag", 3, seed=0, opts=opts)
+    run = asyncio.run(run_load(ServeConfig(server.url, "no-such-model", progress=False), workload))
+    *branches, summary = run.records
+    assert all(not b.success and b.error.startswith("HTTP 4") for b in branches)
+    assert summary.request is None and summary.error.startswith("not sent")
+    assert compute_metrics(run.records, run.duration).failed == 3
 
 
 def test_cli_writes_the_documented_json_and_png(server, tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 from loom.bench.serve import arrival_times
 from loom.bench.workloads import (
     WORDS,
+    DagProgram,
     Request,
     Session,
     WorkloadOptions,
@@ -96,6 +97,41 @@ def test_agent_sessions_build_history_from_answers():
     assert (req.session_id, req.turn, req.max_tokens) == (0, 2, 9)
     with pytest.raises(ValueError):
         s.request(2, ["only one answer"])
+
+
+def test_dag_programs_fan_out_over_their_own_document_then_fan_in():
+    opts = WorkloadOptions(num_branches=3, prefix_len=20, input_len=5, output_len=6)
+    w = make_workload("dag", 9, seed=0, opts=opts)
+    # 9 requests in programs of 3 branches + 1 summary: rounded up to 3 whole programs.
+    assert len(w.items) == 3 and w.num_requests == 12 and w.name == "dag"
+    assert all(isinstance(p, DagProgram) and p.num_requests == 4 for p in w.items)
+    assert [p.program_index for p in w.items] == [0, 1, 2]
+    assert len({p.document for p in w.items}) == 3  # each program its own document
+    p = w.items[0]
+    assert len(p.document.split()) == 4 + 20 and all(len(q.split()) == 5 for q in p.questions)
+
+    wf = p.to_workflow()
+    branches = ["branch_0", "branch_1", "branch_2"]
+    assert wf.validate() == [*branches, "summary"]
+    assert list(wf.nodes["summary"].deps) == branches
+    for b, name in enumerate(branches):
+        node = wf.nodes[name]
+        assert node.deps == () and node.retries == 0
+        assert node.messages == (("system", p.document), ("user", p.questions[b]))
+    assert wf.sampling == {"max_tokens": 6}
+    first = p.first_request()
+    assert first.messages == [
+        {"role": "system", "content": p.document},
+        {"role": "user", "content": p.questions[0]},
+    ]
+    assert (first.session_id, first.turn, first.max_tokens) == (0, 0, 6)
+
+    again = make_workload("dag", 9, seed=0, opts=opts)
+    assert [(q.document, q.questions) for q in again.items] == [(q.document, q.questions) for q in w.items]
+    assert make_workload("dag", 9, seed=1, opts=opts).items[0].document != p.document
+    assert make_workload("dag", 1, seed=0, opts=opts).num_requests == 4
+    with pytest.raises(InvalidRequest, match="num_branches"):
+        make_workload("dag", 4, seed=0, opts=WorkloadOptions(num_branches=0))
 
 
 def test_jsonl_workload(tmp_path):
