@@ -78,7 +78,11 @@ def loom_system(model_dir: Path, dtype: str, setup: Setup) -> Iterator[Run]:
 def load_hf(model_dir: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    # generate() fills an unset eos_token_id from the checkpoint's generation_config: without this, HF
+    # stops (batch of 1) or pads (batches) at the first EOS, where loom ignores it.
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def _hf_generate(model, batch: list[Request]) -> tuple[list[list[int]], int]:

@@ -84,3 +84,22 @@ def test_gguf_conversion_falls_back_to_the_default_pre_tokenizer(tmp_path: Path)
     assert out.read_text() == f"{model} --outtype bf16 --outfile {tmp_path / 'm.partial'} default"
     with pytest.raises(gguf.GGUFError, match="no convert_hf_to_gguf.py"):
         gguf.convert(model, "float32", tmp_path, out=tmp_path / "n.gguf")
+
+
+def test_hf_baselines_ignore_the_checkpoints_eos(tiny_llama_dir: Path, tmp_path: Path):
+    """The checkpoint's generation_config names an EOS that greedy decoding produces early; HF must
+    still generate every requested token, as loom does with ignore_eos."""
+    import shutil
+
+    import torch
+
+    from loom.bench.systems import Request, _hf_generate, load_hf
+
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    request = Request([5, 6, 7, 8, 9], 12)
+    with torch.inference_mode():
+        free = _hf_generate(load_hf(model_dir, "float32"), [request])[0][0]
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[2]]}))
+    with torch.inference_mode():
+        outputs, steps = _hf_generate(load_hf(model_dir, "float32"), [request])
+    assert outputs == [free] and len(free) == 12 and steps == 12
