@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Online runs for benchmarks/README.md: loom serve on the ~88M model, loom bench serve at three rates
-# and the agent / shared-prefix workloads with prefix caching on and off.
+# and the agent / shared-prefix / dag workloads with prefix caching on and off.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -15,8 +15,10 @@ for rate in 0.5 1 2; do
 done
 $PY -m loom.entrypoints.cli bench serve --base-url http://127.0.0.1:8101 --model small --workload agent --num-requests 16 --num-turns 4 --system-len 1024 --input-len 48 --output-len 16 --ignore-eos --no-progress --json $OUT/serve_agent_cache_on.json --png $OUT/serve_agent_cache_on.png 2>&1 | tail -25
 $PY -m loom.entrypoints.cli bench serve --base-url http://127.0.0.1:8101 --model small --workload shared-prefix --num-requests 16 --num-groups 2 --prefix-len 1024 --input-len 32 --output-len 16 --ignore-eos --no-progress --json $OUT/serve_shared_prefix_cache_on.json 2>&1 | tail -25
+$PY -m loom.entrypoints.cli bench serve --base-url http://127.0.0.1:8101 --model small --workload dag --num-requests 20 --num-branches 4 --prefix-len 1024 --input-len 16 --output-len 16 --ignore-eos --no-progress --json $OUT/serve_dag_cache_on.json --png $OUT/serve_dag_cache_on.png 2>&1 | tail -25
 kill -INT $P1; wait $P1
 P2=$(serve 8102 --no-enable-prefix-caching); wait_ready 8102
 $PY -m loom.entrypoints.cli bench serve --base-url http://127.0.0.1:8102 --model small --workload agent --num-requests 16 --num-turns 4 --system-len 1024 --input-len 48 --output-len 16 --ignore-eos --no-progress --json $OUT/serve_agent_cache_off.json --png $OUT/serve_agent_cache_off.png 2>&1 | tail -25
 $PY -m loom.entrypoints.cli bench serve --base-url http://127.0.0.1:8102 --model small --workload shared-prefix --num-requests 16 --num-groups 2 --prefix-len 1024 --input-len 32 --output-len 16 --ignore-eos --no-progress --json $OUT/serve_shared_prefix_cache_off.json 2>&1 | tail -25
+$PY -m loom.entrypoints.cli bench serve --base-url http://127.0.0.1:8102 --model small --workload dag --num-requests 20 --num-branches 4 --prefix-len 1024 --input-len 16 --output-len 16 --ignore-eos --no-progress --json $OUT/serve_dag_cache_off.json --png $OUT/serve_dag_cache_off.png 2>&1 | tail -25
 kill -INT $P2; wait $P2

@@ -9,8 +9,8 @@ ignored), so all systems produce the same number of useful tokens.
 - hf-seq: HF transformers `generate`, one request at a time.
 - hf-static: HF `generate` on static batches of 16, left-padded; each batch runs to its longest output.
 - hf-cb: HF continuous batching (the manager behind `generate_batch`), per-request lengths.
-- llama.cpp: llama-cpp-python on a GGUF conversion of the same checkpoint, one request at a time (its
-  `Llama` class runs one sequence); optional, see loom/bench/gguf.py.
+- llama.cpp: llama-cpp-python on a GGUF conversion of the same checkpoint, its KV cache in the same dtype,
+  one request at a time (its `Llama` class runs one sequence); optional, see loom/bench/gguf.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ HF_PAD_ID = 0
 # loom's EngineConfig defaults, given to HF continuous batching too.
 LOOM_TOKEN_BUDGET = 2048
 LOOM_MAX_SEQS = 128
+GGML_KV_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30}  # ggml_type values: GGML_TYPE_F32, _F16, _BF16
 
 
 @dataclass
@@ -192,12 +193,17 @@ def llama_cpp_system(model_dir: Path, dtype: str, setup: Setup) -> Iterator[Run]
         raise RuntimeError(f"no GGUF for {dtype}: pass --gguf {dtype}=PATH or --llama-cpp-src (see --help)")
     from llama_cpp import Llama
 
+    # The KV cache in the run's dtype, as for the others: llama.cpp's default f16 cache alone makes its
+    # float32 greedy output part from HF's after about half the tokens (100% agree with f32).
+    kv_type = GGML_KV_TYPES[dtype]
     llm = Llama(
         model_path=str(setup.gguf),
         n_ctx=setup.extra.get("max_len", 4096),
         n_batch=512,
         n_threads=setup.threads,
         n_threads_batch=setup.threads,
+        type_k=kv_type,
+        type_v=kv_type,
         verbose=False,
     )
 
