@@ -11,6 +11,8 @@ the 2-core benchmark machine (little difference from M = 256 up).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,12 +29,20 @@ PREPACK_BATCH_HINT = 32
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return device.type == "cpu" and dtype == torch.bfloat16 and _onednn_bf16_prepack_works()
+
+
+@cache
+def _onednn_bf16_prepack_works() -> bool:
+    """Whether oneDNN's bf16 weight reorder runs on this CPU: it needs AVX-512 (bw, vl, dq) or
+    AVX-NE-CONVERT, and raises on a plain AVX2 machine, where F.linear is the only way."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), PREPACK_BATCH_HINT)
+    except RuntimeError:
+        return False
+    return True
 
 
 class Linear(nn.Module):
