@@ -18,8 +18,10 @@ from typing import Any, Protocol, runtime_checkable
 from loom.config import EngineConfig
 from loom.engine.async_engine import AsyncEngine
 from loom.entrypoints.llm import merge_delta
-from loom.entrypoints.server.tool_parsers import ToolCallStream
 from loom.errors import EngineDeadError, InvalidRequest
+from loom.frontend.chat import render_chat
+from loom.frontend.input_processor import ProcessedRequest
+from loom.frontend.tool_parsers import ToolCallStream
 from loom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class EngineClient:
     def __init__(self, engine: AsyncEngine, tool_parser: str = "auto", default_max_tokens: int = 512):
         self.engine = engine
         self.tool_parser = tool_parser
-        """Tool-call format to read: auto, hermes or glm4 (see loom.entrypoints.server.tool_parsers)."""
+        """Tool-call format to read: auto, hermes or glm4 (see loom.frontend.tool_parsers)."""
         self.default_max_tokens = default_max_tokens
 
     @classmethod
@@ -139,21 +141,24 @@ class EngineClient:
         on_token: TokenCallback | None = None,
         **sampling: Any,
     ) -> ChatResult:
-        core = self.engine.core
-        if core is None or not self.engine.is_ready:
+        ip = self.engine.input
+        if ip is None or not self.engine.is_ready:
             raise EngineDeadError("the engine is not ready; call start() and wait_ready() first")
-        tokenizer = core.tokenizer
-        prompt = tokenizer.apply_chat_template(messages, tools=tools or None)
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
         params = self._params(dict(sampling), program_id)
-        core.validate_prompt(ids, params)
+        request_id = f"{program_id or 'chat'}-{uuid.uuid4().hex[:12]}"
+
+        def prepare() -> ProcessedRequest:
+            budget = ip.prompt_budget(params.max_tokens)
+            prompt = render_chat(ip, messages, tools or None, None, self.tool_parser, budget, "error")
+            return ip.process(request_id, prompt.token_ids, params, param="messages")
+
+        job = await asyncio.to_thread(prepare)
         names = {t["function"]["name"] for t in tools or ()}
         # One parser for the streamed and the final text, so tool-call markup never reaches on_token.
         parser = ToolCallStream(names, self.tool_parser) if names else None
-        request_id = f"{program_id or 'chat'}-{uuid.uuid4().hex[:12]}"
         final = None
         content: list[str] = []
-        async for delta in self.engine.generate(request_id, ids, params):
+        async for delta in self.engine.generate(job):
             final = merge_delta(final, delta)
             text = "".join(c.text for c in delta.outputs if c.index == 0)
             if parser is not None:
@@ -166,7 +171,7 @@ class EngineClient:
                     on_token(text)
         out = final.outputs[0]
         calls = [ToolCall(c.id, c.name, c.arguments) for c in parser.calls] if parser else []
-        usage = Usage(len(ids), len(out.token_ids), final.num_cached_tokens, calls=1)
+        usage = Usage(len(job.prompt_token_ids), len(out.token_ids), final.num_cached_tokens, calls=1)
         return ChatResult("".join(content), calls, usage, "tool_calls" if calls else out.finish_reason)
 
 

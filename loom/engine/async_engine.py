@@ -1,9 +1,10 @@
-"""AsyncEngine: the EngineCore loop on its own thread, with one asyncio queue of outputs per request.
+"""AsyncEngine: the EngineCore loop on its own thread, the frontend's output processing on the event loop,
+and one asyncio queue of outputs per request.
 
 HTTP handlers never wait on a step and the step loop never waits on HTTP: requests and aborts cross
-into the engine thread through a thread-safe inbox; each step's outputs cross back in one
-`call_soon_threadsafe` per step. torch releases the GIL inside kernels, so the event loop keeps
-serving while a forward runs.
+into the engine thread through a thread-safe inbox; each step's token ids cross back in one
+`call_soon_threadsafe` per step, and are detokenized on the event loop while the next forward runs
+(torch releases the GIL inside kernels).
 """
 
 from __future__ import annotations
@@ -12,30 +13,31 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from loom.config import EngineConfig
 from loom.engine.core import EngineCore
+from loom.engine.io import EngineCoreOutput
+from loom.engine.request import RequestStatus
 from loom.errors import EngineDeadError
+from loom.frontend.input_processor import InputProcessor, ProcessedRequest
+from loom.frontend.output_processor import OutputProcessor
 from loom.outputs import RequestOutput
-from loom.sampling_params import SamplingParams
+from loom.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
+    request: ProcessedRequest
 
 
 @dataclass
 class _Abort:
-    request_id: str
+    seq_ids: list[str]
+    status: RequestStatus = RequestStatus.FINISHED_ABORTED
 
 
 @dataclass
@@ -47,12 +49,19 @@ class AsyncEngine:
     """Owns an EngineCore on a background thread. Call `start()`, then `generate()` from asyncio code."""
 
     def __init__(
-        self, config: EngineConfig, on_step: Callable[[EngineCore, list[RequestOutput]], None] | None = None
+        self,
+        config: EngineConfig,
+        on_step: Callable[[EngineCore, list[EngineCoreOutput]], None] | None = None,
+        max_prompt_chars: int | None = None,
     ):
         self.config = config
         self.core: EngineCore | None = None
+        self.input: InputProcessor | None = None
+        """The frontend's input side, set once the model loaded (use it off the event loop)."""
+        self.output: OutputProcessor | None = None
         self.on_step = on_step
         """Called on the engine thread after every step (metrics hook); must be quick."""
+        self.max_prompt_chars = max_prompt_chars
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,7 +70,7 @@ class AsyncEngine:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.num_pending = 0
-        """Requests handed to the engine thread and not finished yet (waiting + running)."""
+        """Requests handed to the engine and not finished yet (waiting + running)."""
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -94,26 +103,22 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        arrival_time: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: ProcessedRequest) -> AsyncIterator[RequestOutput]:
         """Yields the request's delta outputs as they come; the last one has finished=True.
 
-        The prompt must already be validated (EngineCore.validate_prompt). Leaving the iterator early
-        (client gone, task cancelled) aborts the request and frees its KV blocks.
+        The request comes from `self.input` (validated). Leaving the iterator early (client gone, task
+        cancelled) aborts the request and frees its KV blocks.
         """
         if not self.is_ready:
             raise EngineDeadError(
                 "the engine is not ready" if self.error is None else f"the engine died: {self.error}"
             )
+        request_id = request.request_id
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
+        self.output.add_request(request)
         self.num_pending += 1
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, arrival_time or time.monotonic()))
+        self._inbox.put(_Add(request))
         finished = False
         try:
             while True:
@@ -128,11 +133,9 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             self.num_pending -= 1
-            if not finished:
-                self._inbox.put(_Abort(request_id))
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+            seq_ids = self.output.abort_request(request_id)
+            if not finished and seq_ids:
+                self._inbox.put(_Abort(seq_ids))
 
     def release_program(self, program_id: str) -> None:
         """An agent program (workflow run) ended: unpin the KV kept for its next call."""
@@ -142,14 +145,16 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            self.core = EngineCore(self.config)
+            self.core = core = EngineCore(self.config)
+            tokenizer = Tokenizer(self.config.tokenizer or core.model_path)
+            self.input = InputProcessor.for_engine(core, tokenizer, self.max_prompt_chars)
+            self.output = OutputProcessor(tokenizer)
         except BaseException as e:  # noqa: BLE001 - reported through /ready and generate()
             logger.exception("engine failed to load")
             self.error = e
             self.ready.set()
             return
         self.ready.set()
-        core = self.core
         while not self._stop.is_set():
             self._drain_inbox(block=not core.has_unfinished())
             if self._stop.is_set():
@@ -165,7 +170,7 @@ class AsyncEngine:
             if self.on_step is not None:
                 self.on_step(core, outputs)
             if outputs:
-                self._loop.call_soon_threadsafe(self._deliver, outputs)
+                self._loop.call_soon_threadsafe(self._process, outputs)
 
     def _drain_inbox(self, block: bool) -> None:
         core = self.core
@@ -178,22 +183,32 @@ class AsyncEngine:
             if item is None:
                 return
             if isinstance(item, _Add):
+                added = []
                 try:
-                    core.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
+                    for seq in item.request.seqs:
+                        core.add_request(seq)
+                        added.append(seq.request_id)
                 except Exception as e:  # noqa: BLE001 - goes back to the caller
-                    self._loop.call_soon_threadsafe(self._deliver_error, item.request_id, e)
+                    core.abort_requests(added)
+                    self._loop.call_soon_threadsafe(self._deliver_error, item.request.request_id, e)
             elif isinstance(item, _ReleaseProgram):
                 core.release_program(item.program_id)
             else:
-                core.abort_request(item.request_id)
+                core.abort_requests(item.seq_ids, item.status)
 
     def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self.core.groups):
-            self.core.abort_request(request_id)
+        parents = {req.parent_id for req in self.core.scheduler.requests.values()}
+        self.core.abort_requests(list(self.core.scheduler.requests))
+        for request_id in parents:
             self._loop.call_soon_threadsafe(self._deliver_error, request_id, error)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
+    # ---- on the event loop ---------------------------------------------------------------------
+
+    def _process(self, outputs: list[EngineCoreOutput]) -> None:
+        processed = self.output.process_outputs(outputs)
+        if processed.stopped_seq_ids:
+            self._inbox.put(_Abort(processed.stopped_seq_ids, RequestStatus.FINISHED_STOPPED))
+        for out in processed.request_outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put_nowait(out)

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from loom.engine.io import EngineRequest
 from loom.sampling_params import SamplingParams
 
 
@@ -34,19 +35,20 @@ FINISH_REASONS = {
 class Request:
     """A sequence: its tokens, how many of them have KV in the cache, and how to sample the next one.
 
-    A request with n > 1 is n of these (one per completion) sharing a `parent_id`; the prefix cache
-    makes them share the prompt's KV.
+    Owned by the scheduler, which is its only writer; the runner never sees it (it gets the typed values
+    of loom/engine/step.py). A request for n completions arrives as n of these sharing a `parent_id`;
+    the prefix cache makes them share the prompt's KV.
     """
 
     __slots__ = (
         "request_id",
         "parent_id",
-        "index",
         "prompt_token_ids",
         "output_token_ids",
         "all_token_ids",
         "params",
         "max_tokens",
+        "eos_token_ids",
         "arrival_time",
         "status",
         "num_computed_tokens",
@@ -57,6 +59,7 @@ class Request:
         "num_skipped",
         "first_scheduled_time",
         "first_token_time",
+        "num_blocks_sent",
     )
 
     def __init__(
@@ -66,18 +69,18 @@ class Request:
         params: SamplingParams,
         max_tokens: int,
         parent_id: str | None = None,
-        index: int = 0,
         arrival_time: float | None = None,
         generator: torch.Generator | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ):
         self.request_id = request_id
         self.parent_id = parent_id if parent_id is not None else request_id
-        self.index = index
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
         self.all_token_ids = list(prompt_token_ids)
         self.params = params
         self.max_tokens = max_tokens
+        self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
@@ -88,6 +91,25 @@ class Request:
         self.num_skipped = 0  # times the cache-aware scheduler admitted a later request first
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.num_blocks_sent = -1
+        """Block ids the runner holds for it; -1 while the runner does not hold the request at all."""
+
+    @classmethod
+    def from_engine_request(cls, er: EngineRequest, device: torch.device) -> Request:
+        generator = None
+        if er.seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(er.seed)
+        return cls(
+            er.request_id,
+            list(er.prompt_token_ids),
+            er.params,
+            er.max_tokens,
+            parent_id=er.parent_id,
+            arrival_time=er.arrival_time,
+            generator=generator,
+            eos_token_ids=er.eos_token_ids,
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -109,6 +131,11 @@ class Request:
     def program_id(self) -> str | None:
         """The agent program (workflow run) this call belongs to, if the caller said."""
         return self.params.extra.get("program_id")
+
+    @property
+    def skip_prefix_cache(self) -> bool:
+        """Prompt logprobs need every prompt position computed, so such a request takes no prefix hits."""
+        return self.params.prompt_logprobs is not None
 
     @property
     def is_finished(self) -> bool:

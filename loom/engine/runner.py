@@ -1,18 +1,20 @@
 """The model runner: turns a SchedulerOutput into tensors, runs ONE forward over the flattened batch,
-computes logits only where a token is sampled (or prompt logprobs were asked), and samples."""
+computes logits only where a token is sampled (or prompt logprobs were asked), and samples.
+
+It knows requests only through the typed values of loom/engine/step.py and its own RequestStates; it never
+touches the scheduler's Request objects or the KV manager."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from loom.config import EngineConfig
-from loom.engine.scheduler import SchedulerOutput
+from loom.engine.runner_state import RequestStates
+from loom.engine.step import ModelRunnerOutput, SchedulerOutput
 from loom.errors import InvalidRequest
-from loom.kv.manager import KVCacheManager
 from loom.layers.attention import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
 from loom.layers.sampler import Sampler, SamplingMetadata
 from loom.models.config import ModelConfig
@@ -47,15 +49,6 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
     return DTYPES[name]
 
 
-@dataclass
-class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    """request_id -> the token sampled for it this step."""
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
-    """request_id -> logprobs of the prompt tokens this step's chunk predicted (positions 1..)."""
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path):
         self.config = config
@@ -74,6 +67,7 @@ class ModelRunner:
             KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler(config.seed)
+        self.states = RequestStates()
         self.decode_group_cost = DECODE_GROUP_COST_BLOCKS
         logger.info(
             "model %s (%s, %s on %s), KV cache %d blocks of %d tokens",
@@ -109,28 +103,33 @@ class ModelRunner:
             )
         return num_blocks
 
+    def forget(self, req_ids: set[str]) -> None:
+        """Drop the state of requests that finished (or were preempted) while no batch ran."""
+        self.states.update(SchedulerOutput(finished_req_ids=req_ids))
+
     @torch.inference_mode()
-    def execute(
-        self, sched: SchedulerOutput, kv: KVCacheManager, sampling: SamplingMetadata | None
-    ) -> RunnerOutput:
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        states = self.states
+        states.update(sched)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logits_idx: list[int] = []
         sample_ids: list[str] = []
+        sample_rows: list[int] = []
         prompt_lp: list[tuple[str, int, list[int], int]] = []  # (request id, first row, next tokens, k)
+        prompt_rows: list[int] = []
         decode_idx: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSeq] = []
 
-        for s in sched.scheduled:
-            req, n = s.request, s.num_new_tokens
-            start, ctx = len(input_ids), req.num_computed_tokens
+        for req_id, n in sched.num_scheduled_tokens.items():
+            state = states[req_id]
+            start, ctx = len(input_ids), state.num_computed_tokens
             end = ctx + n
-            table = kv.block_ids(req.request_id)
-            input_ids.extend(req.all_token_ids[ctx:end])
+            table = state.block_ids
+            input_ids.extend(state.token_ids[ctx:end])
             positions.extend(range(ctx, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(ctx, end))
             if n == 1:
@@ -141,14 +140,14 @@ class ModelRunner:
                 prefills.append(
                     PrefillSeq(start, n, ctx, torch.tensor(table[: -(-end // bs)], device=self.device))
                 )
-            if req.params.prompt_logprobs is not None and ctx < req.num_prompt_tokens - 1:
-                last = min(end, req.num_prompt_tokens - 1)
-                next_tokens = req.all_token_ids[ctx + 1 : last + 1]
-                prompt_lp.append((req.request_id, len(logits_idx), next_tokens, req.params.prompt_logprobs))
-                logits_idx.extend(range(start, start + last - ctx))
-            if s.samples:
-                sample_ids.append(req.request_id)
-                logits_idx.append(start + n - 1)
+            if state.params.prompt_logprobs is not None and ctx < state.num_prompt_tokens - 1:
+                last = min(end, state.num_prompt_tokens - 1)
+                next_tokens = state.token_ids[ctx + 1 : last + 1]
+                prompt_lp.append((req_id, len(prompt_rows), next_tokens, state.params.prompt_logprobs))
+                prompt_rows.extend(range(start, start + last - ctx))
+            if state.samples(n):
+                sample_ids.append(req_id)
+                sample_rows.append(start + n - 1)
 
         dev = self.device
         meta = AttentionMetadata(
@@ -168,20 +167,43 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
-        out = RunnerOutput()
-        if not logits_idx:
-            return out
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=dev)]).float()
-        if sample_ids:
-            result = self.sampler(logits[-len(sample_ids) :], sampling)
-            out.sampled = dict(zip(sample_ids, result.token_ids, strict=True))
-            if result.logprobs is not None:
-                out.logprobs = {
-                    rid: lp for rid, lp in zip(sample_ids, result.logprobs, strict=True) if lp is not None
-                }
-        for rid, row, next_tokens, k in prompt_lp:
-            out.prompt_logprobs[rid] = _token_logprobs(logits[row : row + len(next_tokens)], next_tokens, k)
+        out = ModelRunnerOutput()
+        if sample_rows or prompt_rows:
+            # Rows that sample first, then prompt-logprob rows: each part is addressed by its own offsets.
+            rows = torch.tensor(sample_rows + prompt_rows, device=dev)
+            logits = self.model.compute_logits(hidden[rows]).float()
+            if sample_ids:
+                result = self.sampler(logits[: len(sample_ids)], self._sampling_metadata(sample_ids))
+                out.req_ids = sample_ids
+                out.sampled_token_ids = [[t] for t in result.token_ids]
+                lps = result.logprobs or [None] * len(sample_ids)
+                out.logprobs = [None if lp is None else [lp] for lp in lps]
+            prompt_logits = logits[len(sample_ids) :]
+            for req_id, row, next_tokens, k in prompt_lp:
+                out.prompt_logprobs[req_id] = _token_logprobs(
+                    prompt_logits[row : row + len(next_tokens)], next_tokens, k
+                )
+        sampled = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
+        for req_id, n in sched.num_scheduled_tokens.items():
+            states.advance(req_id, n, sampled.get(req_id, []))
         return out
+
+    def _sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
+        states = [self.states[rid] for rid in req_ids]
+        banned = []
+        for st in states:
+            # Before min_tokens, nothing that would end the sequence may be sampled.
+            if st.num_output_tokens < st.params.min_tokens:
+                banned.append(list(st.params.stop_token_ids) + sorted(st.eos_token_ids))
+            else:
+                banned.append([])
+        return SamplingMetadata(
+            params=[st.params for st in states],
+            output_token_ids=[st.output_token_ids for st in states],
+            prompt_token_ids=[st.prompt_token_ids for st in states],
+            generators=[st.generator for st in states],
+            banned_token_ids=banned,
+        )
 
     def _decode_group(self, token_idx: list[int], tables: list[list[int]], lens: list[int]) -> DecodeGroup:
         dev, width = self.device, max(len(t) for t in tables)

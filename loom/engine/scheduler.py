@@ -1,9 +1,14 @@
-"""The scheduler decides which tokens run in the next step. It never touches a tensor.
+"""The scheduler decides which tokens run in the next step, and applies what the step produced. It never
+touches a tensor.
 
 Token-budget scheduling in the style of vLLM's V1 core: running requests first (each gets what it needs
 to catch up, a decode token or the next prefill chunk), then waiting requests while budget, sequence
 slots and KV blocks last. When blocks run out, the most recently admitted running request (lowest
 priority first under the priority policy) is preempted and will be recomputed from scratch.
+
+`schedule()` returns a SchedulerOutput (loom/engine/step.py) that names requests by id; after the forward,
+`update_from_output()` is the one writer of progress: it advances `num_computed_tokens`, appends sampled
+tokens, checks stop tokens, EOS and lengths, and finishes requests.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from loom.config import EngineConfig
-from loom.engine.request import Request, RequestStatus
+from loom.engine.io import EngineCoreOutput
+from loom.engine.request import FINISH_REASONS, Request, RequestStatus
+from loom.engine.step import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from loom.errors import InvalidRequest
 from loom.kv.manager import NO_HIT, KVCacheManager, PrefixHit
 
@@ -25,31 +33,15 @@ logger = logging.getLogger(__name__)
 MAX_TRACKED_PROGRAMS = 65536
 
 
-@dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    """Tokens computed for it this step, starting at its num_computed_tokens."""
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
-
-
 @dataclass
-class SchedulerOutput:
-    """One step's batch, in the order its tokens are laid out in the forward pass."""
+class SchedulerStats:
+    """Counters since start, for metrics and tests."""
 
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    def __bool__(self) -> bool:
-        return bool(self.scheduled)
+    num_steps: int = 0
+    num_forward_tokens: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
 
 
 class WaitingQueue:
@@ -111,7 +103,13 @@ class WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        stats: SchedulerStats | None = None,
+    ):
         if not config.enable_chunked_prefill and max_model_len > config.max_num_batched_tokens:
             # A prompt (or a preempted request's prompt + output) longer than the budget would wait forever
             # at the head of the queue, blocking everything behind it.
@@ -123,16 +121,22 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.stats = stats if stats is not None else SchedulerStats()
         self.by_priority = config.scheduling_policy == "priority"
         self.by_program = config.scheduling_policy == "program"
         # Tokens computed per agent program so far (program-level least attained service, as in
         # Autellix); bounded so an endless stream of programs does not grow it forever.
         self.program_service: OrderedDict[str, int] = OrderedDict()
+        self.requests: dict[str, Request] = {}
         self.waiting = WaitingQueue(self.by_priority)
         self.running: list[Request] = []
-        self.num_preemptions = 0
+        # Requests the runner holds state for that it must drop at the next step.
+        self._forget: set[str] = set()
 
     def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise InvalidRequest(f"request id {req.request_id!r} is already in use", param="request_id")
+        self.requests[req.request_id] = req
         self.waiting.add(req)
 
     @property
@@ -143,11 +147,18 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_preemptions(self) -> int:
+        return self.stats.num_preemptions
+
     def has_work(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 
+    # ---- deciding the batch ----------------------------------------------------------------------
+
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
 
@@ -163,11 +174,11 @@ class Scheduler:
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:  # already scheduled (priority policy only)
                     i -= 1
-                budget += self._preempt(victim, out)
+                budget += self._preempt(victim, scheduled, preempted)
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, num_new))
+                scheduled.append((req, num_new))
                 budget -= num_new
                 i += 1
                 continue
@@ -175,9 +186,7 @@ class Scheduler:
 
         # 2. Waiting requests, unless this step had to preempt (then memory is the bottleneck).
         now = time.monotonic()
-        while (
-            self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
-        ):
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req, hit = self._next_waiting()
             num_new = req.num_tokens - req.num_computed_tokens - hit.num_tokens
             if num_new > budget:
@@ -187,6 +196,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req, num_new, hit):
                 break
             self.waiting.remove(req)
+            # A prefix hit is computed the moment it is found: the blocks hold its KV already.
             req.num_computed_tokens += hit.num_tokens
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = hit.num_tokens
@@ -194,10 +204,36 @@ class Scheduler:
                 req.first_scheduled_time = now
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new))
+            scheduled.append((req, num_new))
             budget -= num_new
         if self.by_program:
-            self._attain_service(out)
+            self._attain_service(scheduled)
+        return self._output(scheduled, preempted)
+
+    def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> SchedulerOutput:
+        out = SchedulerOutput(preempted_req_ids=[r.request_id for r in preempted])
+        for req, num_new in scheduled:
+            blocks = self.kv.block_ids(req.request_id)
+            if req.num_blocks_sent < 0:
+                out.new_reqs.append(
+                    NewRequestData(
+                        req_id=req.request_id,
+                        token_ids=list(req.all_token_ids),
+                        num_prompt_tokens=req.num_prompt_tokens,
+                        block_ids=blocks,
+                        num_computed_tokens=req.num_computed_tokens,
+                        params=req.params,
+                        generator=req.generator,
+                        eos_token_ids=req.eos_token_ids,
+                    )
+                )
+            else:
+                out.cached_reqs.append(
+                    CachedRequestData(req.request_id, blocks[req.num_blocks_sent :], req.num_computed_tokens)
+                )
+            req.num_blocks_sent = len(blocks)
+            out.num_scheduled_tokens[req.request_id] = num_new
+        out.finished_req_ids, self._forget = self._forget, set()
         return out
 
     def _program(self, req: Request) -> str:
@@ -206,10 +242,10 @@ class Scheduler:
     def _service(self, req: Request) -> int:
         return self.program_service.get(self._program(req), 0)
 
-    def _attain_service(self, out: SchedulerOutput) -> None:
-        for s in out.scheduled:
-            program = self._program(s.request)
-            self.program_service[program] = self.program_service.get(program, 0) + s.num_new_tokens
+    def _attain_service(self, scheduled: list[tuple[Request, int]]) -> None:
+        for req, num_new in scheduled:
+            program = self._program(req)
+            self.program_service[program] = self.program_service.get(program, 0) + num_new
             self.program_service.move_to_end(program)
         while len(self.program_service) > MAX_TRACKED_PROGRAMS:
             self.program_service.popitem(last=False)
@@ -253,30 +289,127 @@ class Scheduler:
             return max(self.running, key=lambda r: (self._service(r), r.arrival_time))
         return self.running[-1]
 
-    def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
+    def _preempt(
+        self, victim: Request, scheduled: list[tuple[Request, int]], preempted: list[Request]
+    ) -> int:
         """Free the victim's blocks; it goes back to the waiting queue and is recomputed (its full
         blocks may still be found in the prefix cache). Returns the budget it gives back."""
         self.running.remove(victim)
         returned = 0
-        for k, s in enumerate(out.scheduled):
-            if s.request is victim:  # only possible under the priority policy
-                returned = out.scheduled.pop(k).num_new_tokens
+        for k, (req, num_new) in enumerate(scheduled):
+            if req is victim:  # only possible under the priority policy
+                del scheduled[k]
+                returned = num_new
                 break
         self.kv.free(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
-        self.num_preemptions += 1
+        self._release_from_runner(victim)
+        self.stats.num_preemptions += 1
         self.waiting.add_front(victim)
-        out.preempted.append(victim)
+        preempted.append(victim)
         logger.debug("preempted %s", victim.request_id)
         return returned
 
+    def _release_from_runner(self, req: Request) -> None:
+        if req.num_blocks_sent >= 0:
+            self._forget.add(req.request_id)
+            req.num_blocks_sent = -1
+
+    # ---- applying the step's result ------------------------------------------------------------
+
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance every scheduled request by what the step computed; returns an output for each
+        request that got tokens or prompt logprobs, or finished."""
+        rows = {rid: i for i, rid in enumerate(result.req_ids)}
+        now = time.monotonic()
+        stats = self.stats
+        outputs = []
+        for req_id, num_new in sched.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished or preempted while the step ran
+            start = req.num_computed_tokens
+            if start < req.num_prompt_tokens:
+                stats.num_prompt_tokens_computed += min(num_new, req.num_prompt_tokens - start)
+            req.num_computed_tokens += num_new
+            prompt_lp = result.prompt_logprobs.get(req_id)
+            row = rows.get(req_id)
+            if row is None and prompt_lp is None:
+                continue
+            out = self._output_of(req)
+            if prompt_lp is not None:
+                out.prompt_logprobs, out.prompt_logprobs_start = prompt_lp, start + 1
+            if row is not None:
+                logprobs = result.logprobs[row]
+                for k, token in enumerate(result.sampled_token_ids[row]):
+                    status = self._append(req, token, now)
+                    if status is None or req.max_tokens > 0:
+                        out.new_token_ids.append(token)
+                        if logprobs is not None:
+                            out.new_logprobs = (out.new_logprobs or []) + [logprobs[k]]
+                    if status is not None:
+                        self.finish(req, status)
+                        out.finish_reason, out.stop_reason = FINISH_REASONS[status], req.stop_reason
+                        break
+            out.first_token_time = req.first_token_time
+            outputs.append(out)
+        stats.num_steps += 1
+        stats.num_forward_tokens += sched.total_num_scheduled_tokens
+        return outputs
+
+    def _output_of(self, req: Request) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            req.request_id,
+            num_cached_tokens=max(0, req.num_cached_tokens),
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
+            num_preemptions=req.num_preemptions,
+        )
+
+    def _append(self, req: Request, token: int, now: float) -> RequestStatus | None:
+        """Append a sampled token; the status it ends the request with, if any."""
+        if req.max_tokens == 0:  # prompt logprobs only (echo): nothing is generated
+            return RequestStatus.FINISHED_LENGTH
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.append_token(token)
+        self.stats.num_generated_tokens += 1
+        if token in req.params.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if token in req.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ---- leaving -------------------------------------------------------------------------------
+
     def finish(self, req: Request, status: RequestStatus) -> None:
-        """Retire a request (finished or aborted) and free its blocks."""
+        """Retire a request (finished or aborted) and free its blocks. A call that ended for a reason of
+        its own (not an abort) keeps its KV pinned for its agent program's next call."""
+        if req.is_finished:
+            return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
-        elif not req.status.finished:
+        else:
             self.waiting.remove(req)
+        if status != RequestStatus.FINISHED_ABORTED and req.program_id is not None:
+            if self.config.program_pin_ttl_s > 0:
+                self.kv.pin(req.program_id, req, self.config.program_pin_ttl_s)
         req.status = status
         self.kv.free(req)
+        self._release_from_runner(req)
+        self.requests.pop(req.request_id, None)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
+        """Finish requests by id (aborts, stop strings the frontend matched); returns those it knew."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self.finish(req, status)
+                done.append(rid)
+        return done

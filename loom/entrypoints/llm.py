@@ -11,9 +11,13 @@ from tqdm import tqdm
 
 from loom.config import EngineConfig
 from loom.engine.core import EngineCore
+from loom.engine.request import RequestStatus
 from loom.errors import InvalidRequest
+from loom.frontend.input_processor import InputProcessor
+from loom.frontend.output_processor import OutputProcessor
 from loom.outputs import CompletionOutput, RequestOutput
 from loom.sampling_params import SamplingParams
+from loom.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
@@ -52,7 +56,9 @@ class LLM:
             raise TypeError(f"unknown LLM arguments {sorted(unknown)}; see loom.EngineConfig")
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = EngineCore(self.config)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = Tokenizer(self.config.tokenizer or self.engine.model_path)
+        self.input = InputProcessor.for_engine(self.engine, self.tokenizer)
+        self.output = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     def generate(
@@ -79,17 +85,16 @@ class LLM:
             raise InvalidRequest(
                 f"got {len(prompts)} prompts but {len(params)} SamplingParams", param="params"
             )
-        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        for ids, p in zip(encoded, params, strict=True):
-            self.engine.validate_prompt(ids, p)
-        order: list[str] = []
-        texts: dict[str, str | None] = {}
-        for prompt, ids, p in zip(prompts, encoded, params, strict=True):
-            rid = str(next(self._ids))
-            self.engine.add_request(rid, ids, p)
-            order.append(rid)
-            texts[rid] = prompt if isinstance(prompt, str) else None
-        return self._run(order, texts, use_tqdm)
+        encoded = [self.input.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        requests = [
+            self.input.process(str(next(self._ids)), ids, p, prompt if isinstance(prompt, str) else None)
+            for prompt, ids, p in zip(prompts, encoded, params, strict=True)
+        ]
+        for request in requests:
+            self.output.add_request(request)
+            for seq in request.seqs:
+                self.engine.add_request(seq)
+        return self._run([r.request_id for r in requests], use_tqdm)
 
     def chat(
         self,
@@ -101,9 +106,7 @@ class LLM:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
-            self.tokenizer.encode(
-                self.tokenizer.apply_chat_template(c, tools=tools), add_special_tokens=False
-            )
+            self.input.encode(self.tokenizer.apply_chat_template(c, tools=tools), add_special_tokens=False)
             for c in conversations
         ]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
@@ -113,9 +116,7 @@ class LLM:
         returns how many KV blocks were dropped."""
         return self.engine.reset_prefix_cache()
 
-    def _run(
-        self, order: list[str], texts: dict[str, str | None], use_tqdm: bool | None
-    ) -> list[RequestOutput]:
+    def _run(self, order: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
         if use_tqdm is None:
             use_tqdm = len(order) > 1 and sys.stderr.isatty()
         results: dict[str, RequestOutput] = {}
@@ -123,16 +124,16 @@ class LLM:
         with tqdm(total=len(order), desc="generate", disable=not use_tqdm, unit="req") as bar:
             try:
                 while done < len(order):
-                    for delta in self.engine.step():
+                    processed = self.output.process_outputs(self.engine.step())
+                    if processed.stopped_seq_ids:
+                        self.engine.abort_requests(processed.stopped_seq_ids, RequestStatus.FINISHED_STOPPED)
+                    for delta in processed.request_outputs:
                         results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
                         if delta.finished:
                             done += 1
                             bar.update(1)
             except BaseException:
                 for rid in order:
-                    self.engine.abort_request(rid)
+                    self.engine.abort_requests(self.output.abort_request(rid))
                 raise
-        outputs = [results[rid] for rid in order]
-        for out in outputs:
-            out.prompt = texts[out.request_id]
-        return outputs
+        return [results[rid] for rid in order]

@@ -8,9 +8,30 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
-from loom.engine.request import Request
 from loom.kv.block_pool import Block, BlockHash, BlockPool, hash_block
+
+
+class KVRequest(Protocol):
+    """What the KV layer reads of a request (the engine's Request is one; kv never imports the engine)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def all_token_ids(self) -> list[int]: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_computed_tokens(self) -> int: ...
+
+    @property
+    def skip_prefix_cache(self) -> bool:
+        """True when the request must compute every token (it takes no prefix hits)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -52,7 +73,7 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
-    def _block_hashes(self, request: Request, num_tokens: int) -> list[BlockHash]:
+    def _block_hashes(self, request: KVRequest, num_tokens: int) -> list[BlockHash]:
         """Hashes of the full blocks among the request's first num_tokens tokens."""
         hashes = self.req_hashes.setdefault(request.request_id, [])
         tokens = request.all_token_ids
@@ -61,13 +82,13 @@ class KVCacheManager:
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
         return hashes
 
-    def get_computed_blocks(self, request: Request) -> PrefixHit:
+    def get_computed_blocks(self, request: KVRequest) -> PrefixHit:
         """The longest cached prefix of a request that holds no blocks yet.
 
         At least one token is always left to compute: the last token's logits are needed to sample.
         Requests asking for prompt logprobs take no hits, since cached tokens produce no logits.
         """
-        if not self.enable_caching or request.params.prompt_logprobs is not None:
+        if not self.enable_caching or request.skip_prefix_cache:
             return NO_HIT
         max_hit_tokens = request.num_tokens - 1
         hashes = self._block_hashes(request, max_hit_tokens)
@@ -79,7 +100,7 @@ class KVCacheManager:
             blocks.append(block)
         return PrefixHit(blocks, len(blocks) * self.block_size) if blocks else NO_HIT
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, hit: PrefixHit = NO_HIT) -> bool:
+    def allocate_slots(self, request: KVRequest, num_new_tokens: int, hit: PrefixHit = NO_HIT) -> bool:
         """Make room for num_new_tokens more tokens of the request (after the hit, if any).
 
         Returns False, changing nothing, if the pool cannot hold them; the caller then preempts or waits.
@@ -96,7 +117,7 @@ class KVCacheManager:
                 return False
             self.release(next(iter(self.pins)))
             num_revived = sum(1 for b in hit.blocks if b.ref_cnt == 0)
-        if not held and self.enable_caching and request.params.prompt_logprobs is None:
+        if not held and self.enable_caching and not request.skip_prefix_cache:
             # Counted when a lookup admits the request, not on each lookup of one still waiting for room.
             self.stats.queries += request.num_tokens
             self.stats.hits += hit.num_tokens
@@ -110,7 +131,7 @@ class KVCacheManager:
             self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
         return True
 
-    def _cache_full_blocks(self, request: Request, blocks: list[Block], num_tokens: int) -> None:
+    def _cache_full_blocks(self, request: KVRequest, blocks: list[Block], num_tokens: int) -> None:
         # The KV of these tokens is written by this step's forward before any layer reads it, so
         # indexing the blocks now is safe even for a request hitting them in the same step.
         hashes = self._block_hashes(request, num_tokens)
@@ -118,7 +139,7 @@ class KVCacheManager:
             if block.block_hash is None:
                 self.pool.cache_block(block, block_hash)
 
-    def free(self, request: Request) -> None:
+    def free(self, request: KVRequest) -> None:
         blocks = self.req_blocks.pop(request.request_id, None)
         if blocks:
             # Blocks are indexed when allocated, ahead of the forward that writes them. A request freed
@@ -129,7 +150,7 @@ class KVCacheManager:
             self.pool.free(blocks[::-1])
         self.req_hashes.pop(request.request_id, None)
 
-    def pin(self, program_id: str, request: Request, ttl_s: float) -> None:
+    def pin(self, program_id: str, request: KVRequest, ttl_s: float) -> None:
         """Keep the request's cached full blocks from eviction on behalf of its program (call before
         freeing the request). Replaces the program's previous pin: a later call's blocks usually extend
         the earlier prefix."""

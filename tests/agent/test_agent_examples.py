@@ -34,9 +34,9 @@ def test_research_fanout_branches_overlap_and_share_the_document_prefix(engine_c
     seen: list = []
     generate = client.engine.generate
 
-    def recording(request_id, prompt_token_ids, params, *args):
-        seen.append(params.extra.get("program_id"))
-        return generate(request_id, prompt_token_ids, params, *args)
+    def recording(request):
+        seen.append(request.params.extra.get("program_id"))
+        return generate(request)
 
     client.engine.generate = recording  # observe what reaches the engine
     try:

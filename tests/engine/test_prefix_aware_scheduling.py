@@ -3,35 +3,31 @@ goes first; the head of the queue is passed over a bounded number of times; FCFS
 
 from __future__ import annotations
 
-from loom.config import EngineConfig
+from conftest import make_req, make_scheduler, run_step
+
 from loom.engine.request import Request, RequestStatus
 from loom.engine.scheduler import Scheduler
-from loom.kv.manager import KVCacheManager
-from loom.sampling_params import SamplingParams
 
-BS = 4
 SHARED = list(range(100, 120))  # 5 full blocks
 
 
 def setup(window: int, max_num_seqs: int = 1) -> Scheduler:
-    config = EngineConfig(max_num_seqs=max_num_seqs, block_size=BS, num_blocks=64, prefix_aware_window=window)
-    return Scheduler(config, KVCacheManager(64, BS, True), 256)
+    return make_scheduler(max_num_seqs=max_num_seqs, prefix_aware_window=window, max_model_len=256)
 
 
 def req(rid: str, prompt: list[int], arrival: float) -> Request:
-    return Request(rid, prompt, SamplingParams(max_tokens=4), 4, arrival_time=arrival)
+    return make_req(rid, prompt, max_tokens=4, arrival=arrival)
 
 
 def finish_running(sched: Scheduler) -> None:
     for r in list(sched.running):
-        r.num_computed_tokens = r.num_tokens
         sched.finish(r, RequestStatus.FINISHED_STOPPED)
 
 
 def warm(sched: Scheduler) -> None:
     """Compute SHARED once so its blocks sit in the prefix cache."""
     sched.add(req("warm", SHARED + [1], 0.0))
-    sched.schedule()
+    run_step(sched)
     finish_running(sched)
 
 
@@ -40,8 +36,8 @@ def test_longest_cached_prefix_admitted_first():
     warm(sched)
     sched.add(req("cold", [7] * 21, 1.0))
     sched.add(req("hot", SHARED + [2], 2.0))
-    out = sched.schedule()  # one sequence slot: exactly one is admitted
-    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("hot", 1)]
+    out = run_step(sched)  # one sequence slot: exactly one is admitted
+    assert out.plan == [("hot", 1)]
     assert sched.waiting.peek().request_id == "cold"
 
 
@@ -50,8 +46,7 @@ def test_window_off_keeps_arrival_order():
     warm(sched)
     sched.add(req("cold", [7] * 21, 1.0))
     sched.add(req("hot", SHARED + [2], 2.0))
-    out = sched.schedule()
-    assert [s.request.request_id for s in out.scheduled] == ["cold"]
+    assert [rid for rid, _ in run_step(sched).plan] == ["cold"]
 
 
 def test_requests_beyond_the_window_are_not_considered():
@@ -60,8 +55,7 @@ def test_requests_beyond_the_window_are_not_considered():
     for k in range(3):
         sched.add(req(f"cold{k}", [7 + k] * 21, 1.0 + k))
     sched.add(req("hot", SHARED + [2], 9.0))  # 4th in line, outside a window of 3
-    out = sched.schedule()
-    assert [s.request.request_id for s in out.scheduled] == ["cold0"]
+    assert [rid for rid, _ in run_step(sched).plan] == ["cold0"]
 
 
 def test_head_is_passed_over_a_bounded_number_of_times():
@@ -72,6 +66,6 @@ def test_head_is_passed_over_a_bounded_number_of_times():
     admitted = []
     for k in range(window + 1):
         sched.add(req(f"hot{k}", SHARED + [10 + k], 2.0 + k))
-        admitted += [s.request.request_id for s in sched.schedule().scheduled]
+        admitted += [rid for rid, _ in run_step(sched).plan]
         finish_running(sched)
     assert admitted == ["hot0", "hot1", "cold"], "after `window` skips the head must go first"

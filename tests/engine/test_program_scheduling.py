@@ -6,26 +6,20 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import make_req, make_scheduler, run_step
 
 from loom import LLM, SamplingParams
-from loom.config import EngineConfig
 from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
-from loom.kv.manager import KVCacheManager
-
-BS = 4
 
 
 def sched_with(policy: str, max_num_seqs: int = 1, num_blocks: int = 64) -> Scheduler:
-    config = EngineConfig(
-        max_num_seqs=max_num_seqs, block_size=BS, num_blocks=num_blocks, scheduling_policy=policy
-    )
-    return Scheduler(config, KVCacheManager(num_blocks, BS, True), num_blocks * BS)
+    return make_scheduler(num_blocks=num_blocks, max_num_seqs=max_num_seqs, policy=policy)
 
 
-def call(rid: str, program: str, n: int, arrival: float) -> Request:
-    params = SamplingParams(max_tokens=4, extra={"program_id": program})
-    return Request(rid, [hash((rid, k)) % 1000 + 3 for k in range(n)], params, 4, arrival_time=arrival)
+def call(rid: str, program: str, n: int, arrival: float, max_tokens: int = 4) -> Request:
+    prompt = [hash((rid, k)) % 1000 + 3 for k in range(n)]
+    return make_req(rid, prompt, max_tokens=max_tokens, arrival=arrival, program=program)
 
 
 def test_least_attained_service_program_goes_first():
@@ -33,8 +27,7 @@ def test_least_attained_service_program_goes_first():
     sched.program_service["long"] = 500  # the long workflow has already run 500 tokens
     sched.add(call("long-3", "long", 8, arrival=1.0))
     sched.add(call("short-1", "short", 8, arrival=2.0))
-    out = sched.schedule()
-    assert [s.request.request_id for s in out.scheduled] == ["short-1"]
+    assert run_step(sched).plan == [("short-1", 8)]
     assert sched.program_service["short"] == 8
 
 
@@ -43,25 +36,19 @@ def test_fcfs_ignores_programs():
     sched.program_service["long"] = 500
     sched.add(call("long-3", "long", 8, arrival=1.0))
     sched.add(call("short-1", "short", 8, arrival=2.0))
-    assert [s.request.request_id for s in sched.schedule().scheduled] == ["long-3"]
+    assert run_step(sched).plan == [("long-3", 8)]
 
 
 def test_victim_is_the_most_served_program():
     sched = sched_with("program", max_num_seqs=4, num_blocks=6)
     sched.program_service.update({"a": 10, "b": 900})
-    sched.add(call("b-1", "b", 8, arrival=1.0))
-    sched.add(call("a-1", "a", 8, arrival=2.0))
+    sched.add(call("b-1", "b", 8, arrival=1.0, max_tokens=16))
+    sched.add(call("a-1", "a", 8, arrival=2.0, max_tokens=16))
     preempted = []
     for _ in range(10):  # decode until two growing sequences outgrow 6 blocks of 4 tokens
-        out = sched.schedule()
-        preempted += [r.request_id for r in out.preempted]
+        preempted += run_step(sched).preempted
         if preempted:
             break
-        for s in out.scheduled:
-            samples = s.samples
-            s.request.num_computed_tokens += s.num_new_tokens
-            if samples:
-                s.request.append_token(5)
     assert preempted == ["b-1"], "the program with the most attained service is preempted"
     assert [r.request_id for r in sched.running] == ["a-1"]
 

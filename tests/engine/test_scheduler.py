@@ -1,72 +1,19 @@
 """Scheduler: exactly which (request, num_new_tokens) each step schedules under a token budget, sequence
-cap and block pool, and whom it preempts. The engine loop is simulated by hand: after a step every
-scheduled request advances num_computed_tokens, and the ones that reach their end sample a token."""
+cap and block pool, and whom it preempts. Each step runs the real loop through the typed boundary:
+schedule(), a model-free runner that samples token 900 + the output index where a step reaches the end
+of a sequence, then update_from_output()."""
 
 from __future__ import annotations
 
 import pytest
+from conftest import make_req, make_scheduler, run_step, step
 
-from loom.config import EngineConfig
-from loom.engine.request import Request, RequestStatus
-from loom.engine.scheduler import Scheduler, SchedulerOutput
-from loom.kv.manager import KVCacheManager
-from loom.sampling_params import SamplingParams
-
-BS = 4
+from loom.engine.request import RequestStatus
+from loom.engine.scheduler import Scheduler
 
 
-def make_scheduler(
-    num_blocks: int = 64,
-    budget: int = 2048,
-    max_num_seqs: int = 128,
-    chunked: bool = True,
-    caching: bool = True,
-    policy: str = "fcfs",
-    max_model_len: int | None = None,
-) -> Scheduler:
-    config = EngineConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=budget,
-        block_size=BS,
-        num_blocks=num_blocks,
-        enable_chunked_prefill=chunked,
-        enable_prefix_caching=caching,
-        scheduling_policy=policy,
-    )
-    kv = KVCacheManager(num_blocks, BS, caching)
-    return Scheduler(config, kv, max_model_len if max_model_len is not None else num_blocks * BS)
-
-
-def make_req(
-    request_id: str, prompt, max_tokens: int = 16, priority: int = 0, arrival: float | None = None
-) -> Request:
-    params = SamplingParams(max_tokens=max_tokens, priority=priority)
-    return Request(request_id, list(prompt), params, max_tokens, arrival_time=arrival)
-
-
-def plan(out: SchedulerOutput) -> list[tuple[str, int]]:
-    return [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
-
-
-def run_step(sched: Scheduler) -> SchedulerOutput:
-    """One engine step: schedule, then do what the engine core does after the forward.
-    A sampled token is 900 + its index in the output, so sequences are reproducible.
-    `samples` reads the live request, so it is valid only until the step is applied: the flags as the
-    step saw them are kept in `out.sampled`."""
-    out = sched.schedule()
-    out.sampled = [s.samples for s in out.scheduled]
-    for s, samples in zip(out.scheduled, out.sampled, strict=True):
-        req = s.request
-        req.num_computed_tokens += s.num_new_tokens
-        if samples:
-            req.append_token(900 + req.num_output_tokens)
-            if req.num_output_tokens >= req.max_tokens:
-                sched.finish(req, RequestStatus.FINISHED_LENGTH)
-    return out
-
-
-def step(sched: Scheduler) -> list[tuple[str, int]]:
-    return plan(run_step(sched))
+def plan(out) -> list[tuple[str, int]]:
+    return out.plan
 
 
 # ---- budget, chunking, sequence cap -----------------------------------------------------------------
@@ -77,11 +24,10 @@ def test_running_first_then_new_prompts_under_budget():
     a, b = make_req("a", range(6)), make_req("b", range(10, 16))
     sched.add(a)
     sched.add(b)
-    out = sched.schedule()
+    out = run_step(sched)
     assert plan(out) == [("a", 6), ("b", 2)]
-    assert [s.samples for s in out.scheduled] == [True, False]
-    a.num_computed_tokens, b.num_computed_tokens = 6, 2
-    a.append_token(900)
+    assert out.sampled == [True, False]
+    assert a.output_token_ids == [900] and b.num_computed_tokens == 2
 
     sched.add(make_req("c", range(20, 25)))
     # a's decode and b's remaining chunk come before the new prompt c, which gets what is left.
@@ -202,7 +148,7 @@ def test_preemption_takes_the_latest_admitted_and_it_resumes_on_its_own_cached_b
     # a's decode needs a third block; none is free, so b (admitted last) is preempted.
     out = run_step(sched)
     assert plan(out) == [("a", 1)]
-    assert out.preempted == [b]
+    assert out.preempted == ["b"]
     assert b.status == RequestStatus.PREEMPTED
     assert b.num_computed_tokens == 0
     assert b.output_token_ids == [900]  # kept: it is recomputed, not resampled
@@ -233,7 +179,7 @@ def test_several_victims_return_in_admission_order():
     out = run_step(sched)
     # a needs a block: c goes; b then needs one too, and is itself the last admitted.
     assert plan(out) == [("a", 1)]
-    assert [r.request_id for r in out.preempted] == ["c", "b"]
+    assert out.preempted == ["c", "b"]
     assert [r.request_id for r in sched.waiting] == ["b", "c"]
     assert [r.request_id for r in sched.running] == ["a"]
 
@@ -246,7 +192,7 @@ def test_no_new_admissions_in_a_step_that_preempted():
     sched.add(make_req("y", [5]))  # would fit in b's freed block
     out = run_step(sched)
     assert plan(out) == [("a", 1)]
-    assert [r.request_id for r in out.preempted] == ["b"]
+    assert out.preempted == ["b"]
     assert [r.request_id for r in sched.waiting] == ["b", "y"]
 
 
@@ -270,7 +216,7 @@ def test_priority_ties_break_on_arrival_not_insertion():
     assert step(sched) == [("early", 1)]
 
 
-def _victim_scenario(policy: str, b_priority: int, b_arrival: float) -> tuple[Scheduler, SchedulerOutput]:
+def _victim_scenario(policy: str, b_priority: int, b_arrival: float) -> tuple[Scheduler, object]:
     """b is admitted first (alone), then a and c; in step 3 a's decode needs a block and none is free."""
     sched = make_scheduler(num_blocks=4, policy=policy)
     sched.add(make_req("b", range(4), priority=b_priority, arrival=b_arrival))
@@ -286,20 +232,20 @@ def test_priority_victim_is_the_lowest_priority_even_if_already_scheduled():
     sched, out = _victim_scenario("priority", b_priority=5, b_arrival=0.0)
     # b was scheduled first in this step; it is unscheduled and its token given back to the budget.
     assert plan(out) == [("a", 1), ("c", 1)]
-    assert [r.request_id for r in out.preempted] == ["b"]
+    assert out.preempted == ["b"]
     assert [r.request_id for r in sched.running] == ["a", "c"]
 
 
 def test_priority_victim_among_equals_is_the_latest_arrival():
     sched, out = _victim_scenario("priority", b_priority=0, b_arrival=10.0)
     assert plan(out) == [("a", 1), ("c", 1)]
-    assert [r.request_id for r in out.preempted] == ["b"]
+    assert out.preempted == ["b"]
 
 
 def test_fcfs_victim_is_the_latest_admitted():
     sched, out = _victim_scenario("fcfs", b_priority=5, b_arrival=10.0)
     assert plan(out) == [("b", 1), ("a", 1)]
-    assert [r.request_id for r in out.preempted] == ["c"]
+    assert out.preempted == ["c"]
 
 
 def test_unscheduled_victim_leaves_no_cached_block_with_unwritten_kv():
@@ -319,7 +265,7 @@ def test_unscheduled_victim_leaves_no_cached_block_with_unwritten_kv():
     # b's decode of token 901 fills block 0, then a's chunk finds no blocks: b (lowest priority) is
     # unscheduled, a still does not fit and is preempted too. Only c runs: token 901 is never computed.
     assert plan(out) == [("c", 1)]
-    assert [r.request_id for r in out.preempted] == ["b", "a"]
+    assert out.preempted == ["b", "a"]
     probe = make_req("d", [1, 2, 900, 901, 7])
     assert sched.kv.get_computed_blocks(probe).num_tokens == 0
 

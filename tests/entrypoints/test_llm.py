@@ -65,7 +65,7 @@ def test_stop_string_and_stop_token(llm):
 
 
 def test_min_tokens_bans_eos(llm):
-    eos = sorted(llm.engine.eos_token_ids)
+    eos = sorted(llm.input.eos_token_ids)
     # Make EOS the only allowed-by-stop token: stop_token_ids on the most likely first token.
     first = llm.generate("abc", SamplingParams(temperature=0, max_tokens=1))[0].outputs[0].token_ids[0]
     out = llm.generate(

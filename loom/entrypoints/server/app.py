@@ -119,6 +119,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         # Under `loom serve` the SIGTERM hook has drained already; this covers other ASGI servers.
         await state.drain(server_config.drain_timeout)
         await asyncio.to_thread(state.engine.stop)
+        state.close()
 
     app = FastAPI(title="loom", lifespan=lifespan)
     app.state.loom = state

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from loom.engine.core import EngineCore
 from loom.entrypoints.llm import merge_delta
 from loom.entrypoints.server import protocol as p
 from loom.entrypoints.server.response_caching import (
@@ -22,39 +19,23 @@ from loom.entrypoints.server.response_caching import (
     reply_headers,
 )
 from loom.entrypoints.server.serving import (
-    Job,
     ServerState,
     SSEResponse,
     finite_logprob,
     new_id,
-    prompt_budget,
     sampling_params,
     sse_events,
     stream_usage,
     top_items,
     usage,
 )
-from loom.entrypoints.server.tool_parsers import HERMES_START, ToolCall, ToolCallStream, parse_tool_calls
-from loom.entrypoints.truncation import fit_chat
 from loom.errors import InvalidRequest
+from loom.frontend.chat import ChatPrompt, render_chat
+from loom.frontend.input_processor import ProcessedRequest
+from loom.frontend.tool_parsers import ToolCall, ToolCallStream, parse_tool_calls
 from loom.outputs import CompletionOutput, RequestOutput
 from loom.sampling_params import MAX_LOGPROBS
-
-
-@dataclass
-class ChatPrompt:
-    """A rendered conversation and how to read tool calls out of its answer."""
-
-    token_ids: list[int]
-    tool_names: set[str] = field(default_factory=set)
-    parser: str | None = None
-    """Tool-call format to parse ("auto", "hermes", "glm4"), or None when tools are off."""
-    prefill: str = ""
-    """Text appended after the generation prompt to force a call (tool_choice required or named); the
-    answer is read as prefill + output."""
-    truncated_tokens: int = 0
-    """Prompt tokens the truncation policy removed."""
-    dropped_messages: int = 0
+from loom.tokenizer import Tokenizer
 
 
 def _messages(body: p.ChatCompletionRequest) -> list[dict]:
@@ -94,45 +75,13 @@ def _tools(body: p.ChatCompletionRequest) -> tuple[list[dict] | None, str | None
     return dumped, ("" if choice == "required" else None)
 
 
-def render_chat_prompt(
-    state: ServerState, core: EngineCore, body: p.ChatCompletionRequest, budget: int, truncation: str
-) -> ChatPrompt:
-    """The conversation as tokens, fitted to `budget` tokens by the truncation policy."""
-    if "chat_template" in (body.model_extra or {}):
-        # A template is code run on the server; only the model's own is trusted.
-        raise InvalidRequest("a request may not supply its own chat_template", param="chat_template")
-    messages = _messages(body)
-    tools, forced = _tools(body)
-    prompt = ChatPrompt(token_ids=[])
-    if tools is not None and state.config.tool_call_parser != "none":
-        prompt.tool_names = {t["function"]["name"] for t in tools}
-        prompt.parser = state.config.tool_call_parser
-        # Without constrained decoding, required/named choices are forced by starting the call for the
-        # model, where the template shows the hermes format it expects.
-        if (
-            forced is not None
-            and prompt.parser in ("auto", "hermes")
-            and HERMES_START in core.tokenizer.apply_chat_template(messages, tools=tools)
-        ):
-            prompt.prefill = HERMES_START + "\n"
-            if forced:
-                prompt.prefill += '{"name": ' + json.dumps(forced) + ', "arguments": '
-    # The prefill starts with a special token, so encoding it apart gives the same ids; it is kept
-    # whatever the policy cuts.
-    prefill = core.tokenizer.encode(prompt.prefill, add_special_tokens=False) if prompt.prefill else []
-    fitted = fit_chat(core.tokenizer, messages, tools, budget - len(prefill), core.max_model_len, truncation)
-    prompt.token_ids = fitted.prompt_token_ids + prefill
-    prompt.truncated_tokens, prompt.dropped_messages = fitted.truncated_tokens, fitted.dropped_messages
-    return prompt
-
-
-def chat_logprobs(state: ServerState, core: EngineCore, c: CompletionOutput, k: int) -> p.ChoiceLogprobs:
+def chat_logprobs(state: ServerState, tokenizer: Tokenizer, c: CompletionOutput, k: int) -> p.ChoiceLogprobs:
     content = []
     for token_id, entry in zip(c.token_ids, c.logprobs or [], strict=False):
-        text = state.token_text(core.tokenizer, token_id)
+        text = state.token_text(tokenizer, token_id)
         top = [
             p.TopLogprob(
-                token=(t := state.token_text(core.tokenizer, tid)),
+                token=(t := state.token_text(tokenizer, tid)),
                 logprob=finite_logprob(lp),
                 bytes=list(t.encode()),
             )
@@ -162,7 +111,7 @@ class ChatCompletions:
     async def create(self, body: p.ChatCompletionRequest, request: Request) -> Response:
         state = self.state
         state.check_model(body.model)
-        core = state.require_core()
+        ip = state.require_input()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
@@ -190,19 +139,32 @@ class ChatCompletions:
             if body.stream:
                 return SSEResponse(sse_events(replay_chat(cached, stream_usage(body))), None, headers)
             return JSONResponse(cached, headers=headers)
-        prompt = render_chat_prompt(state, core, body, prompt_budget(core, max_tokens), truncation)
-        try:
-            core.validate_prompt(prompt.token_ids, params)
-        except InvalidRequest as e:
-            e.param = "messages" if e.param == "prompt" else e.param
-            raise
+        if "chat_template" in (body.model_extra or {}):
+            # A template is code run on the server; only the model's own is trusted.
+            raise InvalidRequest("a request may not supply its own chat_template", param="chat_template")
+        messages = _messages(body)
+        tools, forced = _tools(body)
+
+        def prepare() -> tuple[ChatPrompt, ProcessedRequest]:
+            prompt = render_chat(
+                ip,
+                messages,
+                tools,
+                forced,
+                state.config.tool_call_parser,
+                ip.prompt_budget(max_tokens),
+                truncation,
+            )
+            job = ip.process(new_id("chatcmpl"), prompt.token_ids, params, param="messages")
+            return prompt, job
+
+        prompt, job = await state.in_thread(prepare)
         lease = state.admit([len(prompt.token_ids)])
         state.metrics.on_truncated(truncation, prompt.truncated_tokens)
-        job = Job(new_id("chatcmpl"), prompt.token_ids, params)
         headers = reply_headers(False, prompt.truncated_tokens)
         if body.stream:
             return SSEResponse(
-                sse_events(self._stream(body, request, prompt, job, core, slot)), lease, headers
+                sse_events(self._stream(body, request, prompt, job, ip.tokenizer, slot)), lease, headers
             )
         try:
             final = None
@@ -210,7 +172,7 @@ class ChatCompletions:
                 final = merge_delta(final, delta)
         finally:
             lease.release()
-        response = self._response(body, prompt, job, final, core).model_dump()
+        response = self._response(body, prompt, job, final, ip.tokenizer).model_dump()
         slot.store(response)
         return JSONResponse(response, headers=headers)
 
@@ -218,9 +180,9 @@ class ChatCompletions:
         self,
         body: p.ChatCompletionRequest,
         prompt: ChatPrompt,
-        job: Job,
+        job: ProcessedRequest,
         final: RequestOutput,
-        core: EngineCore,
+        tokenizer: Tokenizer,
     ) -> p.ChatCompletionResponse:
         choices = []
         for c in final.outputs:
@@ -235,7 +197,7 @@ class ChatCompletions:
                 p.ChatChoice(
                     index=c.index,
                     message=message,
-                    logprobs=chat_logprobs(self.state, core, c, body.top_logprobs or 0)
+                    logprobs=chat_logprobs(self.state, tokenizer, c, body.top_logprobs or 0)
                     if body.logprobs
                     else None,
                     finish_reason="tool_calls" if calls else c.finish_reason,
@@ -261,8 +223,8 @@ class ChatCompletions:
         body: p.ChatCompletionRequest,
         request: Request,
         prompt: ChatPrompt,
-        job: Job,
-        core: EngineCore,
+        job: ProcessedRequest,
+        tokenizer: Tokenizer,
         slot: CacheSlot | None = None,
     ) -> AsyncIterator[p.ChatCompletionChunk]:
         state = self.state
@@ -299,7 +261,7 @@ class ChatCompletions:
                         more_content, more_calls = parser.finish()
                         content, calls = content + more_content, calls + more_calls
                 logprobs = (
-                    chat_logprobs(state, core, c, body.top_logprobs or 0)
+                    chat_logprobs(state, tokenizer, c, body.top_logprobs or 0)
                     if body.logprobs and c.token_ids
                     else None
                 )
@@ -323,7 +285,7 @@ class ChatCompletions:
                     yield chunk(c.index, p.DeltaMessage(), finish_reason=reason)
         # Reached only when every choice finished: a disconnect or an error raised out of the loop.
         if final is not None:
-            slot.store(self._response(body, prompt, job, final, core).model_dump())
+            slot.store(self._response(body, prompt, job, final, tokenizer).model_dump())
         if stream_usage(body):
             yield p.ChatCompletionChunk(
                 id=job.request_id,

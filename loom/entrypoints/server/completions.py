@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from loom.engine.core import EngineCore
 from loom.entrypoints.llm import merge_delta
 from loom.entrypoints.server import protocol as p
 from loom.entrypoints.server.response_caching import (
@@ -20,26 +19,26 @@ from loom.entrypoints.server.response_caching import (
     reply_headers,
 )
 from loom.entrypoints.server.serving import (
-    Job,
     ServerState,
     SSEResponse,
     finite_logprob,
     new_id,
-    prompt_budget,
     sampling_params,
     sse_events,
     stream_usage,
     top_items,
     usage,
 )
-from loom.entrypoints.truncation import fit_prompt
 from loom.errors import InvalidRequest
+from loom.frontend.input_processor import InputProcessor, ProcessedRequest
+from loom.frontend.truncation import fit_prompt
 from loom.outputs import RequestOutput, TokenLogprobs
+from loom.tokenizer import Tokenizer
 
 Prompt = tuple[str | None, list[int]]
 
 
-def parse_prompts(body: p.CompletionRequest, core: EngineCore) -> list[Prompt]:
+def parse_prompts(body: p.CompletionRequest, ip: InputProcessor) -> list[Prompt]:
     """(text if given as text, token ids) of each prompt in the request, as sent."""
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -50,7 +49,7 @@ def parse_prompts(body: p.CompletionRequest, core: EngineCore) -> list[Prompt]:
     for item in prompt:
         if not item:
             raise InvalidRequest("prompt must not be empty (nor hold an empty prompt)", param="prompt")
-        prompts.append((item, core.tokenizer.encode(item)) if isinstance(item, str) else (None, list(item)))
+        prompts.append((item, ip.encode(item)) if isinstance(item, str) else (None, list(item)))
     return prompts
 
 
@@ -70,8 +69,8 @@ def fit_prompts(
 class _Logprobs:
     """Builds OpenAI's completions logprobs (parallel lists) token by token."""
 
-    def __init__(self, state: ServerState, core: EngineCore, k: int, offset: int = 0):
-        self.state, self.core, self.k = state, core, k
+    def __init__(self, state: ServerState, tokenizer: Tokenizer, k: int, offset: int = 0):
+        self.state, self.tokenizer, self.k = state, tokenizer, k
         self.offset = offset
         self.out = p.CompletionLogprobs()
 
@@ -80,7 +79,7 @@ class _Logprobs:
         # echo-only request (max_tokens=0) reports an entry for a token it never generated.
         for i, token_id in enumerate(token_ids):
             entry = entries[i] if i < len(entries) else None
-            text = self.state.token_text(self.core.tokenizer, token_id)
+            text = self.state.token_text(self.tokenizer, token_id)
             self.out.tokens.append(text)
             self.out.text_offset.append(self.offset)
             self.offset += len(text)
@@ -91,7 +90,7 @@ class _Logprobs:
             self.out.token_logprobs.append(finite_logprob(entry[token_id]))
             self.out.top_logprobs.append(
                 {
-                    self.state.token_text(self.core.tokenizer, t): finite_logprob(lp)
+                    self.state.token_text(self.tokenizer, t): finite_logprob(lp)
                     for t, lp in top_items(entry, self.k)
                 }
             )
@@ -107,7 +106,7 @@ class Completions:
     async def create(self, body: p.CompletionRequest, request: Request) -> Response:
         state = self.state
         state.check_model(body.model)
-        core = state.require_core()
+        ip = state.require_input()
         if body.suffix:
             raise InvalidRequest("suffix is not supported by this server", param="suffix")
         if body.max_tokens is not None and body.max_tokens < (0 if body.echo else 1):
@@ -130,17 +129,23 @@ class Completions:
             if body.stream:
                 return SSEResponse(sse_events(replay_completion(cached, stream_usage(body))), None, headers)
             return JSONResponse(cached, headers=headers)
-        budget = prompt_budget(core, body.max_tokens)
-        prompts, cut = fit_prompts(parse_prompts(body, core), budget, core.max_model_len, truncation)
-        for _, ids in prompts:
-            core.validate_prompt(ids, params)
+        request_id = new_id("cmpl")
+
+        def prepare() -> tuple[list[Prompt], int, list[ProcessedRequest]]:
+            budget = ip.prompt_budget(body.max_tokens)
+            prompts, cut = fit_prompts(parse_prompts(body, ip), budget, ip.max_model_len, truncation)
+            jobs = [
+                ip.process(f"{request_id}-{i}", ids, params, prompt=text)
+                for i, (text, ids) in enumerate(prompts)
+            ]
+            return prompts, cut, jobs
+
+        prompts, cut, jobs = await state.in_thread(prepare)
         lease = state.admit([len(ids) for _, ids in prompts])
         state.metrics.on_truncated(truncation, cut)
-        request_id = new_id("cmpl")
-        jobs = [Job(f"{request_id}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)]
         headers = reply_headers(False, cut)
         if body.stream:
-            events = self._stream(body, request, request_id, prompts, jobs, core, cut, slot)
+            events = self._stream(body, request, request_id, prompts, jobs, ip.tokenizer, cut, slot)
             return SSEResponse(sse_events(events), lease, headers)
         finals: list[RequestOutput | None] = [None] * len(jobs)
         try:
@@ -148,13 +153,13 @@ class Completions:
                 finals[i] = merge_delta(finals[i], delta)
         finally:
             lease.release()
-        response = self._response(body, request_id, prompts, finals, core, cut).model_dump()
+        response = self._response(body, request_id, prompts, finals, ip.tokenizer, cut).model_dump()
         slot.store(response)
         return JSONResponse(response, headers=headers)
 
-    def _echo(self, body: p.CompletionRequest, prompt: Prompt, core: EngineCore) -> str:
+    def _echo(self, body: p.CompletionRequest, prompt: Prompt, tokenizer: Tokenizer) -> str:
         text, ids = prompt
-        return text if text is not None else core.tokenizer.decode(ids, body.skip_special_tokens)
+        return text if text is not None else tokenizer.decode(ids, body.skip_special_tokens)
 
     def _response(
         self,
@@ -162,17 +167,17 @@ class Completions:
         request_id: str,
         prompts: list[Prompt],
         finals: list[RequestOutput],
-        core: EngineCore,
+        tokenizer: Tokenizer,
         truncated_tokens: int,
     ) -> p.CompletionResponse:
         choices = []
         n = body.n or 1
         for i, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
-            echo = self._echo(body, prompt, core) if body.echo else ""
+            echo = self._echo(body, prompt, tokenizer) if body.echo else ""
             for c in final.outputs:
                 logprobs = None
                 if body.logprobs is not None:
-                    builder = _Logprobs(self.state, core, body.logprobs)
+                    builder = _Logprobs(self.state, tokenizer, body.logprobs)
                     if body.echo:
                         builder.add(prompt[1], (final.prompt_logprobs or [])[: len(prompt[1])])
                     logprobs = builder.add(c.token_ids, c.logprobs or [])
@@ -203,8 +208,8 @@ class Completions:
         request: Request,
         request_id: str,
         prompts: list[Prompt],
-        jobs: list[Job],
-        core: EngineCore,
+        jobs: list[ProcessedRequest],
+        tokenizer: Tokenizer,
         truncated_tokens: int = 0,
         slot: CacheSlot | None = None,
     ) -> AsyncIterator[p.CompletionResponse]:
@@ -229,9 +234,9 @@ class Completions:
                 text, logprobs = c.text, None
                 first = index not in builders
                 if first:
-                    builders[index] = _Logprobs(state, core, body.logprobs or 0)
+                    builders[index] = _Logprobs(state, tokenizer, body.logprobs or 0)
                     if body.echo:
-                        text = self._echo(body, prompts[i], core) + text
+                        text = self._echo(body, prompts[i], tokenizer) + text
                 if body.logprobs is not None:
                     builder = builders[index]
                     builder.out = p.CompletionLogprobs()  # each chunk carries its own tokens only
@@ -249,7 +254,9 @@ class Completions:
                     )
         # Reached only when every job finished: a disconnect or an error raised out of the loop.
         if slot.active:
-            slot.store(self._response(body, request_id, prompts, finals, core, truncated_tokens).model_dump())
+            slot.store(
+                self._response(body, request_id, prompts, finals, tokenizer, truncated_tokens).model_dump()
+            )
         if stream_usage(body):
             yield p.CompletionResponse(
                 id=request_id,

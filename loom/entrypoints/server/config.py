@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.entrypoints.truncation import POLICIES
 from loom.errors import InvalidRequest
+from loom.frontend.truncation import POLICIES
 
 TOOL_CALL_PARSERS = ("auto", "hermes", "glm4", "none")
 
@@ -29,6 +29,8 @@ class ServerConfig:
     """Most prompt tokens in flight before new requests get 429; None disables the check."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest request body accepted, in bytes; larger ones get 413."""
+    max_prompt_chars: int = 1_000_000
+    """Most characters of prompt text (a completion's prompt, or a conversation's text) a request may carry; longer ones get 400 before any tokenizing is done."""
     max_n: int = 16
     """Largest `n` (completions per prompt) a request may ask for."""
     drain_timeout: float = 30.0
@@ -52,7 +54,7 @@ class ServerConfig:
 
         if not 0 <= self.port <= 65535:
             raise bad("port", f"must be in [0, 65535], got {self.port}")
-        for name in ("max_waiting", "max_body_bytes", "max_n"):
+        for name in ("max_waiting", "max_body_bytes", "max_prompt_chars", "max_n"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loom.engine.core import EngineCore
+from loom.engine.io import EngineCoreOutput
 from loom.entrypoints.response_cache import CacheStats, InMemoryResponseCache
 from loom.outputs import RequestOutput
 
@@ -180,7 +181,7 @@ class ServerMetrics:
         r.register(_ResponseCacheStats(response_cache))
         self._last = _Totals()
 
-    def on_step(self, core: EngineCore, outputs: list[RequestOutput]) -> None:
+    def on_step(self, core: EngineCore, outputs: list[EngineCoreOutput]) -> None:
         """Engine-thread hook: advance the counters by what this step added."""
         now = _Totals(
             prefix_queries=core.kv.stats.queries,

@@ -8,8 +8,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -30,8 +31,9 @@ from loom.entrypoints.server.errors import (
 )
 from loom.entrypoints.server.metrics import ServerMetrics
 from loom.entrypoints.server.protocol import SamplingRequest, Usage
-from loom.entrypoints.truncation import check_policy
-from loom.errors import ContextLengthExceeded, InvalidRequest
+from loom.errors import InvalidRequest
+from loom.frontend.input_processor import InputProcessor, ProcessedRequest
+from loom.frontend.truncation import check_policy
 from loom.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
@@ -42,13 +44,10 @@ logger = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0
 
 
-@dataclass
-class Job:
-    """One engine request of an HTTP request (a completions request with k prompts makes k jobs)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
+T = TypeVar("T")
+# Rendering and tokenizing run here, never on the event loop; two workers keep one huge prompt from
+# holding up every other request's preparation.
+FRONTEND_WORKERS = 2
 
 
 class Lease:
@@ -78,7 +77,10 @@ class ServerState:
             else None
         )
         self.metrics = ServerMetrics(self.ready_core, self.response_cache)
-        self.engine = AsyncEngine(engine_config, on_step=self.metrics.on_step)
+        self.engine = AsyncEngine(
+            engine_config, on_step=self.metrics.on_step, max_prompt_chars=config.max_prompt_chars
+        )
+        self._frontend_pool = ThreadPoolExecutor(FRONTEND_WORKERS, thread_name_prefix="loom-frontend")
         self.created = int(time.time())
         self.draining = False
         self._drain_deadline = float("inf")
@@ -98,6 +100,18 @@ class ServerState:
             raise ModelNotFound(
                 f"the model {model!r} does not exist; this server serves {self.model_name!r}", param="model"
             )
+
+    def require_input(self) -> InputProcessor:
+        """The frontend's input processor, or 503 while loading, after a failed load, or while draining."""
+        self.require_core()
+        return self.engine.input
+
+    async def in_thread(self, fn: Callable[[], T]) -> T:
+        """Run CPU work of the frontend (rendering, tokenizing) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._frontend_pool, fn)
+
+    def close(self) -> None:
+        self._frontend_pool.shutdown(wait=False, cancel_futures=True)
 
     def require_core(self) -> EngineCore:
         """The engine core, or 503 while loading, after a failed load, or while draining."""
@@ -163,7 +177,9 @@ class ServerState:
 
     # ---- running requests ----------------------------------------------------------------------
 
-    async def run(self, request: Request, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def run(
+        self, request: Request, jobs: list[ProcessedRequest]
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yields (job index, delta output) of all jobs as they come, until every job finishes.
 
         If the client disconnects, raises ClientDisconnected; when the iterator is left for any reason,
@@ -172,10 +188,10 @@ class ServerState:
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def pump(i: int, job: Job) -> None:
+        async def pump(i: int, job: ProcessedRequest) -> None:
             tracker = self.metrics.track(job.params.n)
             try:
-                async for out in self.engine.generate(job.request_id, job.prompt_token_ids, job.params):
+                async for out in self.engine.generate(job):
                     tracker.on_output(out)
                     queue.put_nowait((i, out))
                 queue.put_nowait((i, done))
@@ -332,19 +348,6 @@ def finite_logprob(value: float) -> float:
 def top_items(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
     """The k most likely (token, logprob) of one position (the dict holds the chosen token and the top)."""
     return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:k]
-
-
-def prompt_budget(core: EngineCore, max_tokens: int | None) -> int:
-    """Prompt tokens that fit beside max_tokens (None: one token must be left to generate; the answer
-    then gets the rest of the context)."""
-    budget = core.max_model_len - (1 if max_tokens is None else max_tokens)
-    if budget < 1:
-        raise ContextLengthExceeded(
-            f"max_tokens ({max_tokens}) leaves no room for a prompt in this model's context of "
-            f"{core.max_model_len} tokens",
-            param="max_tokens",
-        )
-    return budget
 
 
 def usage(

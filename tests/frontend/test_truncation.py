@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loom.entrypoints.truncation import fit_chat, fit_prompt
 from loom.errors import ContextLengthExceeded, InvalidRequest
+from loom.frontend.truncation import fit_chat, fit_prompt
 from loom.tokenizer import Tokenizer
 
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from loom.entrypoints.server.chat import ChatCompletions, ChatPrompt, render_chat_prompt
-from loom.entrypoints.server.config import ServerConfig
+from loom.entrypoints.server.chat import ChatCompletions, _messages, _tools
 from loom.entrypoints.server.protocol import ChatCompletionRequest
-from loom.entrypoints.server.serving import Job
-from loom.entrypoints.server.tool_parsers import ToolCallStream, parse_tool_calls
 from loom.errors import InvalidRequest
+from loom.frontend.chat import ChatPrompt, render_chat
+from loom.frontend.input_processor import InputProcessor, ProcessedRequest
+from loom.frontend.tool_parsers import ToolCallStream, parse_tool_calls
 from loom.outputs import CompletionOutput, RequestOutput
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
@@ -149,7 +149,7 @@ def _final(text: str) -> RequestOutput:
 
 
 BODY = ChatCompletionRequest(messages=[{"role": "user", "content": "weather?"}], stream=True)
-JOB = Job("chatcmpl-test", [1, 2, 3], SamplingParams(max_tokens=64))
+JOB = ProcessedRequest("chatcmpl-test", None, [1, 2, 3], SamplingParams(max_tokens=64), [], 0.0)
 PROMPT = ChatPrompt([1, 2, 3], tool_names={"get_weather"}, parser="auto")
 
 
@@ -207,29 +207,18 @@ def test_forced_call_prefill_is_read_back_as_part_of_the_call():
 # ---- rendering tools through the real tiny chat template --------------------------------------------
 
 
-class _Core:
-    max_model_len = 4096
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-
-class _ConfigOnly:
-    config = ServerConfig()
-
-
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def test_render_tools_and_tool_choice(tiny_llama_dir):
     tok = Tokenizer(tiny_llama_dir)
-    core, state = _Core(tok), _ConfigOnly()
+    ip = InputProcessor(tok, max_model_len=4096, vocab_size=2048)
     messages = [{"role": "user", "content": "weather?"}]
 
-    def render(**fields) -> ChatPrompt:
-        return render_chat_prompt(
-            state, core, ChatCompletionRequest(messages=messages, **fields), 4000, "error"
-        )
+    def render(messages=messages, **fields) -> ChatPrompt:
+        body = ChatCompletionRequest(messages=messages, **fields)
+        tools, forced = _tools(body)
+        return render_chat(ip, _messages(body), tools, forced, "auto", 4000, "error")
 
     plain, auto = render(), render(tools=[TOOL])
     assert "get_weather" in tok.decode(auto.token_ids, skip_special_tokens=False)
@@ -250,10 +239,5 @@ def test_render_tools_and_tool_choice(tiny_llama_dir):
         ]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]  # fmt: skip
-    text = tok.decode(
-        render_chat_prompt(
-            state, core, ChatCompletionRequest(messages=history, tools=[TOOL]), 4000, "error"
-        ).token_ids,
-        skip_special_tokens=False,
-    )
+    text = tok.decode(render(history, tools=[TOOL]).token_ids, skip_special_tokens=False)
     assert '{"city": "Paris"}' in text and "<tool_response>\nsunny" in text
