@@ -60,6 +60,8 @@ class EngineConfig:
     """torch intra-op threads on CPU; None leaves torch's default."""
     max_logprobs: int = 20
     """Most top log-probabilities a request may ask for."""
+    step_timeout_s: float = 600.0
+    """Seconds one engine step may run before the engine is declared hung: every request in flight fails and the server exits non-zero (so a supervisor restarts it); 0 disables the watchdog."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequest:
@@ -80,6 +82,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise bad(name, f"must be >= 1, got {value}")
+        if self.step_timeout_s < 0:
+            raise bad("step_timeout_s", f"must be >= 0, got {self.step_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -27,3 +27,8 @@ class ModelLoadError(LoomError):
 
 class EngineDeadError(LoomError):
     """The engine loop stopped and cannot serve requests (HTTP 503)."""
+
+
+class RequestFailed(LoomError):
+    """The engine failed while running this one request (the others went on): our fault, not the
+    caller's (HTTP 500)."""

@@ -112,9 +112,19 @@ class Server:
                 self.proc.wait()
 
 
-def launch(model_dir: Path, log_dir: Path, name: str, *args: str, api_key: str | None = None) -> Server:
+def launch(
+    model_dir: Path,
+    log_dir: Path,
+    name: str,
+    *args: str,
+    api_key: str | None = None,
+    script: Path | None = None,
+) -> Server:
+    """`loom serve` in a subprocess; `script` runs a test's own entry point (one that installs fault
+    hooks, say) with the same arguments instead of the CLI module."""
     port = free_port()
-    cmd = [sys.executable, "-m", "loom.entrypoints.cli", "--log-level", "WARNING", "serve"]
+    entry = [str(script)] if script is not None else ["-m", "loom.entrypoints.cli"]
+    cmd = [sys.executable, *entry, "--log-level", "WARNING", "serve"]
     cmd += [
         "--model",
         str(model_dir),
@@ -139,13 +149,13 @@ def launch(model_dir: Path, log_dir: Path, name: str, *args: str, api_key: str |
 
 @pytest.fixture(scope="session")
 def launch_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """launch_server(name, *flags, api_key=None) -> a Server of the tiny model (not yet ready), stopped at
+    """launch_server(name, *flags, api_key=None, script=None) -> a Server of the tiny model (not yet ready), stopped at
     the end of the session: for test modules that need a server of their own configuration."""
     logs = tmp_path_factory.mktemp("more-server-logs")
     started: list[Server] = []
 
-    def start(name: str, *args: str, api_key: str | None = None) -> Server:
-        started.append(launch(tiny_llama_dir, logs, name, *args, api_key=api_key))
+    def start(name: str, *args: str, api_key: str | None = None, script: Path | None = None) -> Server:
+        started.append(launch(tiny_llama_dir, logs, name, *args, api_key=api_key, script=script))
         return started[-1]
 
     yield start

@@ -13,6 +13,7 @@ from loom.engine.io import EngineCoreOutput, EngineRequest
 from loom.engine.request import Request, RequestStatus
 from loom.engine.runner import ModelRunner
 from loom.engine.scheduler import Scheduler, SchedulerStats
+from loom.engine.step import SchedulerOutput
 from loom.errors import InvalidRequest
 from loom.kv.manager import KVCacheManager
 
@@ -105,5 +106,55 @@ class EngineCore:
             if sched.finished_req_ids:
                 self.runner.forget(sched.finished_req_ids)
             return []
-        result = self.runner.execute(sched)
+        self.runner.states.update(sched)
+        try:
+            result = self.runner.run(sched.num_scheduled_tokens)
+        except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
+            logger.warning(
+                "a step of %d requests failed (%s); isolating", len(sched.num_scheduled_tokens), error
+            )
+            return self._isolate(sched, error)
         return self.scheduler.update_from_output(sched, result)
+
+    def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
+        """A step failed: find the requests at fault by bisection and fail only them.
+
+        The runner is all-or-nothing (no state moves, seeded generators restored), so each half is run
+        as a step of its own, in batch order; a half that fails is split again, and a single request
+        that fails alone is the culprit. The others get the step they would have had, a sub-batch at a
+        time. Batch order matters: a request can hit, by prefix, blocks another admitted earlier in the
+        same step is still to write; running halves in order keeps writers before readers, and a reader
+        of a culprit's blocks is rewound (recomputed later) before it runs.
+        """
+        outputs: list[EngineCoreOutput] = []
+        pending = [list(sched.num_scheduled_tokens.items())]
+        while pending:
+            batch = pending.pop()
+            if not batch:
+                continue
+            if len(batch) == 1 and len(sched.num_scheduled_tokens) == 1:
+                culprit, why = batch[0][0], error
+            else:
+                part = SchedulerOutput(num_scheduled_tokens=dict(batch))
+                try:
+                    result = self.runner.run(part.num_scheduled_tokens)
+                except Exception as e:  # noqa: BLE001 - narrowed down below
+                    if len(batch) > 1:
+                        mid = len(batch) // 2
+                        pending += [batch[mid:], batch[:mid]]  # the first half runs first
+                        continue
+                    culprit, why = batch[0][0], e
+                else:
+                    outputs += self.scheduler.update_from_output(part, result)
+                    continue
+            logger.error("request %s failed inside the engine step: %r", culprit, why)
+            unwritten = self.scheduler.uncomputed_blocks(culprit)
+            out = self.scheduler.fail(culprit, why)
+            if out is not None:
+                outputs.append(out)
+            for waiting in pending:
+                for item in list(waiting):
+                    if unwritten.intersection(self.kv.block_ids(item[0])):
+                        waiting.remove(item)
+                        self.scheduler.rewind(item[0])
+        return outputs

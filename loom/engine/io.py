@@ -44,7 +44,9 @@ class EngineCoreOutput:
     """Logprobs of prompt tokens at positions prompt_logprobs_start, prompt_logprobs_start + 1, ..."""
     prompt_logprobs_start: int = 0
     finish_reason: str | None = None
-    """'stop', 'length' or 'abort' once the sequence finished."""
+    """'stop', 'length', 'abort' or 'error' once the sequence finished."""
+    error: str | None = None
+    """Why the engine failed this sequence (finish_reason 'error'); the caller's request fails with it."""
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache when the sequence was first admitted."""

@@ -16,7 +16,7 @@ from loom.engine.runner_state import RequestStates
 from loom.engine.step import ModelRunnerOutput, SchedulerOutput
 from loom.errors import InvalidRequest
 from loom.layers.attention import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
-from loom.layers.sampler import Sampler, SamplingMetadata
+from loom.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from loom.models.config import ModelConfig
 from loom.models.loader import load_model
 from loom.outputs import TokenLogprobs
@@ -107,10 +107,18 @@ class ModelRunner:
         """Drop the state of requests that finished (or were preempted) while no batch ran."""
         self.states.update(SchedulerOutput(finished_req_ids=req_ids))
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Take in what the scheduler says changed, then run its batch."""
+        self.states.update(sched)
+        return self.run(sched.num_scheduled_tokens)
+
+    @torch.inference_mode()
+    def run(self, num_scheduled_tokens: dict[str, int]) -> ModelRunnerOutput:
+        """One forward over these requests (held in `states`), sampling where a request reaches its end.
+
+        All or nothing: if it raises, no request's state has moved and every seeded generator is back
+        where it was, so the engine can run the same requests again (without the one at fault)."""
         states = self.states
-        states.update(sched)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -124,7 +132,7 @@ class ModelRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillSeq] = []
 
-        for req_id, n in sched.num_scheduled_tokens.items():
+        for req_id, n in num_scheduled_tokens.items():
             state = states[req_id]
             start, ctx = len(input_ids), state.num_computed_tokens
             end = ctx + n
@@ -173,7 +181,7 @@ class ModelRunner:
             rows = torch.tensor(sample_rows + prompt_rows, device=dev)
             logits = self.model.compute_logits(hidden[rows]).float()
             if sample_ids:
-                result = self.sampler(logits[: len(sample_ids)], self._sampling_metadata(sample_ids))
+                result = self._sample(logits[: len(sample_ids)], sample_ids)
                 out.req_ids = sample_ids
                 out.sampled_token_ids = [[t] for t in result.token_ids]
                 lps = result.logprobs or [None] * len(sample_ids)
@@ -184,9 +192,20 @@ class ModelRunner:
                     prompt_logits[row : row + len(next_tokens)], next_tokens, k
                 )
         sampled = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
-        for req_id, n in sched.num_scheduled_tokens.items():
+        for req_id, n in num_scheduled_tokens.items():
             states.advance(req_id, n, sampled.get(req_id, []))
         return out
+
+    def _sample(self, logits: torch.Tensor, req_ids: list[str]) -> SamplerOutput:
+        meta = self._sampling_metadata(req_ids)
+        # A seeded request's stream must not move in a step that fails and is run again.
+        saved = [(g, g.get_state()) for g in meta.generators if g is not None]
+        try:
+            return self.sampler(logits, meta)
+        except BaseException:
+            for g, state in saved:
+                g.set_state(state)
+            raise
 
     def _sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
         states = [self.states[rid] for rid in req_ids]

@@ -404,6 +404,30 @@ class Scheduler:
         self._release_from_runner(req)
         self.requests.pop(req.request_id, None)
 
+    def uncomputed_blocks(self, req_id: str) -> set[int]:
+        """Blocks of the request past its computed tokens (their KV is written by the step in flight)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return set()
+        return set(self.kv.block_ids(req_id)[req.num_computed_tokens // self.kv.block_size :])
+
+    def rewind(self, req_id: str) -> None:
+        """Send a running request back to wait and be recomputed (its blocks freed), as a preemption."""
+        req = self.requests.get(req_id)
+        if req is not None and req.status == RequestStatus.RUNNING:
+            self._preempt(req, [], [])
+
+    def fail(self, req_id: str, error: BaseException) -> EngineCoreOutput | None:
+        """The request made a step fail: retire it alone (its blocks freed, its KV never cached)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        out = self._output_of(req)
+        self.finish(req, RequestStatus.FINISHED_ERROR)
+        out.finish_reason = FINISH_REASONS[RequestStatus.FINISHED_ERROR]
+        out.error = f"{type(error).__name__}: {error}"
+        return out
+
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
         """Finish requests by id (aborts, stop strings the frontend matched); returns those it knew."""
         done = []

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from loom.config import EngineConfig
 from loom.engine.core import EngineCore
 from loom.engine.request import RequestStatus
-from loom.errors import InvalidRequest
+from loom.errors import InvalidRequest, RequestFailed
 from loom.frontend.input_processor import InputProcessor
 from loom.frontend.output_processor import OutputProcessor
 from loom.outputs import CompletionOutput, RequestOutput
@@ -125,6 +125,9 @@ class LLM:
             try:
                 while done < len(order):
                     processed = self.output.process_outputs(self.engine.step())
+                    if processed.failed:
+                        request_id, why = next(iter(processed.failed.items()))
+                        raise RequestFailed(f"request {request_id} failed inside the engine: {why}")
                     if processed.stopped_seq_ids:
                         self.engine.abort_requests(processed.stopped_seq_ids, RequestStatus.FINISHED_STOPPED)
                     for delta in processed.request_outputs:

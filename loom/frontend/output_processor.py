@@ -39,6 +39,11 @@ class ProcessedOutputs:
     """One delta per request that changed, in the order the engine reported them."""
     stopped_seq_ids: list[str]
     """Sequences a stop string finished here that the engine still runs: stop them there."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """request_id -> why the engine failed it; the request is over (its other sequences are in
+    aborted_seq_ids)."""
+    aborted_seq_ids: list[str] = field(default_factory=list)
+    """Sequences of failed requests the engine still runs: abort them there."""
 
 
 class OutputProcessor:
@@ -87,12 +92,18 @@ class OutputProcessor:
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         deltas: dict[str, dict[int, CompletionOutput]] = {}
-        stopped: list[str] = []
+        result = ProcessedOutputs([], [])
         for out in outputs:
             entry = self._seqs.get(out.request_id)
             if entry is None:
                 continue  # an aborted request, or one a stop string finished while the engine ran on
             state, k = entry
+            if out.error is not None:
+                request_id = state.request.request_id
+                result.failed[request_id] = out.error
+                result.aborted_seq_ids += self.abort_request(request_id)
+                deltas.pop(request_id, None)
+                continue
             self._record(state, k, out)
             delta = self._delta(state, k, out)
             if delta is None:
@@ -101,9 +112,10 @@ class OutputProcessor:
                 state.finished[k] = True
                 self._seqs.pop(out.request_id, None)
                 if not out.finished:
-                    stopped.append(out.request_id)
+                    result.stopped_seq_ids.append(out.request_id)
             deltas.setdefault(state.request.request_id, {})[k] = delta
-        return ProcessedOutputs(self._request_outputs(deltas), stopped)
+        result.request_outputs = self._request_outputs(deltas)
+        return result
 
     def _record(self, state: _RequestState, k: int, out: EngineCoreOutput) -> None:
         state.num_cached_tokens[k] = out.num_cached_tokens

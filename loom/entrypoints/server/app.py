@@ -117,7 +117,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         logger.info("serving %s (the model loads in the background)", state.model_name)
         yield
         # Under `loom serve` the SIGTERM hook has drained already; this covers other ASGI servers.
-        await state.drain(server_config.drain_timeout)
+        if state.engine.dead is None:  # a dead engine failed everything already: nothing to drain
+            await state.drain(server_config.drain_timeout)
         await asyncio.to_thread(state.engine.stop)
         state.close()
 
@@ -128,6 +129,9 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
 
     @app.get("/health")
     async def health() -> dict:
+        """Liveness: 200 while the process can serve (also while the model loads), 503 once the
+        engine died."""
+        state.require_live()
         return {"status": "ok"}
 
     @app.get("/ready")

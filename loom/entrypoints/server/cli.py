@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 # After a drain, only idle keep-alive connections remain; this bounds how long uvicorn waits for them.
 _SHUTDOWN_GRACE_S = 2
+# The process status when the engine died (a step hung, or its loop raised).
+EXIT_ENGINE_DEAD = 3
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,13 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.drain_timeout = drain_timeout
+        self.exit_code = 0
+        state.on_fatal = self.fail
+
+    def fail(self) -> None:
+        """The engine died: shut down now and exit non-zero, so a supervisor restarts the server."""
+        self.exit_code = EXIT_ENGINE_DEAD
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and not self.state.draining:
@@ -94,3 +104,6 @@ def run_server(args: argparse.Namespace) -> None:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its shutdown; that is the expected way out
         pass
+    if server.exit_code:
+        logger.critical("exiting with status %d: the engine died", server.exit_code)
+        sys.exit(server.exit_code)

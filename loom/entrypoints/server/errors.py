@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loom.errors import ContextLengthExceeded, EngineDeadError, InvalidRequest, LoomError
+from loom.errors import ContextLengthExceeded, EngineDeadError, InvalidRequest, LoomError, RequestFailed
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ _MAPPING: list[tuple[type[BaseException], _Status]] = [
     (ClientDisconnected, _Status(499, "client_closed_request")),
     (ServiceUnavailable, _Status(503, "service_unavailable_error", "service_unavailable")),
     (EngineDeadError, _Status(503, "service_unavailable_error", "engine_dead")),
+    # The engine isolated a failure to this request: our fault, reported with what failed.
+    (RequestFailed, _Status(500, "internal_server_error")),
 ]
 _INTERNAL = _Status(500, "internal_server_error")
 

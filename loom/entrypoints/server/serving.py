@@ -31,7 +31,7 @@ from loom.entrypoints.server.errors import (
 )
 from loom.entrypoints.server.metrics import ServerMetrics
 from loom.entrypoints.server.protocol import SamplingRequest, Usage
-from loom.errors import InvalidRequest
+from loom.errors import EngineDeadError, InvalidRequest
 from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.truncation import check_policy
 from loom.outputs import RequestOutput
@@ -78,8 +78,13 @@ class ServerState:
         )
         self.metrics = ServerMetrics(self.ready_core, self.response_cache)
         self.engine = AsyncEngine(
-            engine_config, on_step=self.metrics.on_step, max_prompt_chars=config.max_prompt_chars
+            engine_config,
+            on_step=self.metrics.on_step,
+            max_prompt_chars=config.max_prompt_chars,
+            on_dead=self._on_engine_dead,
         )
+        self.on_fatal: Callable[[], None] | None = None
+        """Set by `loom serve`: end the process with a non-zero status (the engine died)."""
         self._frontend_pool = ThreadPoolExecutor(FRONTEND_WORKERS, thread_name_prefix="loom-frontend")
         self.created = int(time.time())
         self.draining = False
@@ -113,8 +118,20 @@ class ServerState:
     def close(self) -> None:
         self._frontend_pool.shutdown(wait=False, cancel_futures=True)
 
+    def _on_engine_dead(self, error: EngineDeadError) -> None:
+        logger.critical("the engine is dead (%s): answering 503 and shutting down", error)
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def require_live(self) -> None:
+        """503 once the engine died: the process is on its way out."""
+        if self.engine.dead is not None:
+            raise self.engine.dead
+
     def require_core(self) -> EngineCore:
-        """The engine core, or 503 while loading, after a failed load, or while draining."""
+        """The engine core, or 503 while loading, after a failed load, after its death, or while
+        draining."""
+        self.require_live()
         retry = self.config.retry_after
         if self.draining:
             raise ServiceUnavailable("the server is shutting down", retry_after=retry)
