@@ -132,3 +132,47 @@ def test_engine_loop_death_fails_everything_and_exits_non_zero(fault_servers):
 
 def test_hung_step_is_caught_by_the_watchdog(fault_servers):
     _engine_death(fault_servers["hang"].wait_ready(), HANG)
+
+
+# ---- bad input stops at the edge ------------------------------------------------------------------
+
+
+def test_token_ids_outside_the_vocabulary_are_a_400_in_any_field(fault_servers):
+    """The defect that once failed every request in flight: min_tokens bans the stop tokens in the
+    sampler, which indexed with an id outside the vocabulary. Every token id is checked at the edge."""
+    server = fault_servers["poison"].wait_ready()
+    with server.http() as http:
+        for body, param in [
+            ({"prompt": "hi", "min_tokens": 1, "stop_token_ids": [10**9]}, "stop_token_ids"),
+            ({"prompt": [5, 2048], "max_tokens": 1}, "prompt"),
+            ({"prompt": [[5, 6], [7, -1]], "max_tokens": 1}, "prompt"),
+        ]:
+            resp = http.post("/v1/completions", json={"model": MODEL, **body})
+            assert resp.status_code == 400, resp.text
+            assert resp.json()["error"]["param"] == param
+        assert http.get("/ready").status_code == 200
+
+
+def test_tokenizing_a_huge_prompt_does_not_block_the_event_loop(fault_servers):
+    server = fault_servers["poison"].wait_ready()
+    with server.http() as http:
+        # Over --max-prompt-chars (1,000,000 by default): refused before any tokenizing.
+        resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 3_900_000, "max_tokens": 1})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+        assert "characters" in resp.json()["error"]["message"]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            # ~900k characters: tokenized (about a second of CPU) on a worker thread, then too long.
+            big = asyncio.create_task(
+                client.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 180_000})
+            )
+            answered = 0
+            while not big.done():
+                answered += (await client.get("/health")).status_code == 200
+            return answered, await big
+
+    answered, big = asyncio.run(scenario())
+    assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
+    # Liveness kept answering while the prompt was tokenized (on the event loop it would answer ~1).
+    assert answered >= 5, answered
