@@ -60,6 +60,8 @@ class EngineConfig:
     """torch intra-op threads on CPU; None leaves torch's default."""
     max_logprobs: int = 20
     """Most top log-probabilities a request may ask for."""
+    speculative_config: str | dict | None = None
+    """Speculative decoding without a draft model, as JSON: {"method": "ngram" (prompt lookup) or "suffix" (also the earlier requests of the agent program), "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b, "adaptive": true, "disable_by_batch_size": 0}; greedy output is unchanged, sampled output keeps its distribution."""
     step_timeout_s: float = 600.0
     """Seconds one engine step may run before the engine is declared hung: every request in flight fails and the server exits non-zero (so a supervisor restarts it); 0 disables the watchdog."""
 
@@ -82,6 +84,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise bad(name, f"must be >= 1, got {value}")
+        from loom.engine.spec_decode.config import SpeculativeConfig
+
+        self.speculative = SpeculativeConfig.parse(self.speculative_config)
         if self.step_timeout_s < 0:
             raise bad("step_timeout_s", f"must be >= 0, got {self.step_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:

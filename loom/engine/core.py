@@ -108,7 +108,7 @@ class EngineCore:
             return []
         self.runner.states.update(sched)
         try:
-            result = self.runner.run(sched.num_scheduled_tokens)
+            result = self.runner.run(sched.num_scheduled_tokens, sched.spec_token_ids)
         except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
             logger.warning(
                 "a step of %d requests failed (%s); isolating", len(sched.num_scheduled_tokens), error
@@ -135,9 +135,12 @@ class EngineCore:
             if len(batch) == 1 and len(sched.num_scheduled_tokens) == 1:
                 culprit, why = batch[0][0], error
             else:
-                part = SchedulerOutput(num_scheduled_tokens=dict(batch))
+                part = SchedulerOutput(
+                    num_scheduled_tokens=dict(batch),
+                    spec_token_ids={r: d for r, d in sched.spec_token_ids.items() if r in dict(batch)},
+                )
                 try:
-                    result = self.runner.run(part.num_scheduled_tokens)
+                    result = self.runner.run(part.num_scheduled_tokens, part.spec_token_ids)
                 except Exception as e:  # noqa: BLE001 - narrowed down below
                     if len(batch) > 1:
                         mid = len(batch) // 2

@@ -16,7 +16,8 @@ from loom.engine.runner_state import RequestStates
 from loom.engine.step import ModelRunnerOutput, SchedulerOutput
 from loom.errors import InvalidRequest
 from loom.layers.attention import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
-from loom.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from loom.layers.rejection_sampler import verify as verify_drafts
+from loom.layers.sampler import Sampler, SamplingMetadata
 from loom.models.config import ModelConfig
 from loom.models.loader import load_model
 from loom.outputs import TokenLogprobs
@@ -110,14 +111,18 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Take in what the scheduler says changed, then run its batch."""
         self.states.update(sched)
-        return self.run(sched.num_scheduled_tokens)
+        return self.run(sched.num_scheduled_tokens, sched.spec_token_ids)
 
     @torch.inference_mode()
-    def run(self, num_scheduled_tokens: dict[str, int]) -> ModelRunnerOutput:
-        """One forward over these requests (held in `states`), sampling where a request reaches its end.
+    def run(
+        self, num_scheduled_tokens: dict[str, int], spec_token_ids: dict[str, list[int]] | None = None
+    ) -> ModelRunnerOutput:
+        """One forward over these requests (held in `states`), sampling where a request reaches its end
+        and verifying its draft tokens, if it has any.
 
         All or nothing: if it raises, no request's state has moved and every seeded generator is back
         where it was, so the engine can run the same requests again (without the one at fault)."""
+        spec_token_ids = spec_token_ids or {}
         states = self.states
         bs = self.block_size
         input_ids: list[int] = []
@@ -125,6 +130,8 @@ class ModelRunner:
         slots: list[int] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
+        verify: list[tuple[str, int, list[int]]] = []  # (request id, first of its verify rows, drafts)
+        verify_rows: list[int] = []
         prompt_lp: list[tuple[str, int, list[int], int]] = []  # (request id, first row, next tokens, k)
         prompt_rows: list[int] = []
         decode_idx: list[int] = []
@@ -137,7 +144,9 @@ class ModelRunner:
             start, ctx = len(input_ids), state.num_computed_tokens
             end = ctx + n
             table = state.block_ids
-            input_ids.extend(state.token_ids[ctx:end])
+            draft = spec_token_ids.get(req_id, [])
+            input_ids.extend(state.token_ids[ctx : end - len(draft)])
+            input_ids.extend(draft)
             positions.extend(range(ctx, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(ctx, end))
             if n == 1:
@@ -153,7 +162,10 @@ class ModelRunner:
                 next_tokens = state.token_ids[ctx + 1 : last + 1]
                 prompt_lp.append((req_id, len(prompt_rows), next_tokens, state.params.prompt_logprobs))
                 prompt_rows.extend(range(start, start + last - ctx))
-            if state.samples(n):
+            if draft:  # the last real token and each draft predict the next: d + 1 rows
+                verify.append((req_id, len(verify_rows), draft))
+                verify_rows.extend(range(start + n - 1 - len(draft), start + n))
+            elif state.samples(n):
                 sample_ids.append(req_id)
                 sample_rows.append(start + n - 1)
 
@@ -176,49 +188,73 @@ class ModelRunner:
             meta,
         )
         out = ModelRunnerOutput()
-        if sample_rows or prompt_rows:
-            # Rows that sample first, then prompt-logprob rows: each part is addressed by its own offsets.
-            rows = torch.tensor(sample_rows + prompt_rows, device=dev)
+        if sample_rows or verify_rows or prompt_rows:
+            # Three parts, each addressed by its own offsets: a row per sampling request, d + 1 rows per
+            # request verifying d drafts, then prompt-logprob rows.
+            rows = torch.tensor(sample_rows + verify_rows + prompt_rows, device=dev)
             logits = self.model.compute_logits(hidden[rows]).float()
-            if sample_ids:
-                result = self._sample(logits[: len(sample_ids)], sample_ids)
-                out.req_ids = sample_ids
-                out.sampled_token_ids = [[t] for t in result.token_ids]
-                lps = result.logprobs or [None] * len(sample_ids)
-                out.logprobs = [None if lp is None else [lp] for lp in lps]
-            prompt_logits = logits[len(sample_ids) :]
+            num_sampling = len(sample_rows) + len(verify_rows)
+            self._sample(
+                logits[: len(sample_rows)], sample_ids, logits[len(sample_rows) : num_sampling], verify, out
+            )
+            prompt_logits = logits[num_sampling:]
             for req_id, row, next_tokens, k in prompt_lp:
                 out.prompt_logprobs[req_id] = _token_logprobs(
                     prompt_logits[row : row + len(next_tokens)], next_tokens, k
                 )
         sampled = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
         for req_id, n in num_scheduled_tokens.items():
-            states.advance(req_id, n, sampled.get(req_id, []))
+            states.advance(req_id, n, sampled.get(req_id, []), len(spec_token_ids.get(req_id, ())))
         return out
 
-    def _sample(self, logits: torch.Tensor, req_ids: list[str]) -> SamplerOutput:
-        meta = self._sampling_metadata(req_ids)
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        sample_ids: list[str],
+        verify_logits: torch.Tensor,
+        verify: list[tuple[str, int, list[int]]],
+        out: ModelRunnerOutput,
+    ) -> None:
+        """Sample the plain rows (a row per request of sample_ids) in one batch, then verify each
+        request's drafts on its own rows of verify_logits."""
+        metas = [self._sampling_metadata(sample_ids)] if sample_ids else []
+        metas += [self._sampling_metadata([rid] * (len(d) + 1), d) for rid, _, d in verify]
         # A seeded request's stream must not move in a step that fails and is run again.
-        saved = [(g, g.get_state()) for g in meta.generators if g is not None]
+        saved = [(g, g.get_state()) for meta in metas for g in meta.generators if g is not None]
         try:
-            return self.sampler(logits, meta)
+            if sample_ids:
+                result = self.sampler(logits, metas[0])
+                out.req_ids += sample_ids
+                out.sampled_token_ids += [[t] for t in result.token_ids]
+                lps = result.logprobs or [None] * len(sample_ids)
+                out.logprobs += [None if lp is None else [lp] for lp in lps]
+            for (req_id, row, draft), meta in zip(verify, metas[1 if sample_ids else 0 :], strict=True):
+                result = verify_drafts(self.sampler, verify_logits[row : row + len(draft) + 1], draft, meta)
+                out.req_ids.append(req_id)
+                out.sampled_token_ids.append(result.token_ids)
+                out.logprobs.append(result.logprobs if result.logprobs is not None else None)
         except BaseException:
             for g, state in saved:
                 g.set_state(state)
             raise
 
-    def _sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
+    def _sampling_metadata(self, req_ids: list[str], draft: list[int] | None = None) -> SamplingMetadata:
+        """One row per id; with a draft, req_ids is one request repeated, row j seeing draft[:j] as
+        already generated."""
         states = [self.states[rid] for rid in req_ids]
+        outputs = [st.output_token_ids for st in states]
+        if draft:
+            outputs = [outputs[0] + draft[:j] for j in range(len(states))]
         banned = []
-        for st in states:
+        for st, generated in zip(states, outputs, strict=True):
             # Before min_tokens, nothing that would end the sequence may be sampled.
-            if st.num_output_tokens < st.params.min_tokens:
+            if len(generated) < st.params.min_tokens:
                 banned.append(list(st.params.stop_token_ids) + sorted(st.eos_token_ids))
             else:
                 banned.append([])
         return SamplingMetadata(
             params=[st.params for st in states],
-            output_token_ids=[st.output_token_ids for st in states],
+            output_token_ids=outputs,
             prompt_token_ids=[st.prompt_token_ids for st in states],
             generators=[st.generator for st in states],
             banned_token_ids=banned,

@@ -38,9 +38,10 @@ class CachedRequestState:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    def samples(self, num_new: int) -> bool:
-        """Whether a step computing num_new tokens reaches the end of the known tokens (so it samples)."""
-        return self.num_computed_tokens + num_new == len(self.token_ids)
+    def samples(self, num_new: int, num_drafts: int = 0) -> bool:
+        """Whether a step computing num_new tokens (num_drafts of them drafts) reaches the end of the known
+        tokens (so it samples)."""
+        return self.num_computed_tokens + num_new - num_drafts == len(self.token_ids)
 
 
 class RequestStates:
@@ -75,8 +76,10 @@ class RequestStates:
             # The scheduler's count is the truth (speculative decoding may have rejected tokens).
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def advance(self, req_id: str, num_new: int, sampled: list[int]) -> None:
-        """After the step: its tokens are computed, and the sampled ones are the next to compute."""
+    def advance(self, req_id: str, num_new: int, sampled: list[int], num_drafts: int = 0) -> None:
+        """After the step: its tokens are computed but rejected drafts, and the sampled ones (accepted
+        drafts, then one more) are next."""
         state = self.states[req_id]
-        state.num_computed_tokens += num_new
+        num_accepted = max(0, len(sampled) - 1) if num_drafts else 0
+        state.num_computed_tokens += num_new - num_drafts + num_accepted
         state.token_ids.extend(sampled)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from loom.config import EngineConfig
 from loom.engine.io import EngineCoreOutput
 from loom.engine.request import FINISH_REASONS, Request, RequestStatus
+from loom.engine.spec_decode import make_proposer
 from loom.engine.step import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from loom.errors import InvalidRequest
 from loom.kv.manager import NO_HIT, KVCacheManager, PrefixHit
@@ -42,6 +43,12 @@ class SchedulerStats:
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    num_draft_tokens: int = 0
+    """Draft tokens proposed and verified (speculative decoding)."""
+    num_accepted_tokens: int = 0
+    """Draft tokens the target model accepted."""
+    num_verifications: int = 0
+    """Decode steps of a request that verified drafts."""
 
 
 class WaitingQueue:
@@ -127,6 +134,7 @@ class Scheduler:
         # Tokens computed per agent program so far (program-level least attained service, as in
         # Autellix); bounded so an endless stream of programs does not grow it forever.
         self.program_service: OrderedDict[str, int] = OrderedDict()
+        self.proposer = make_proposer(config.speculative)
         self.requests: dict[str, Request] = {}
         self.waiting = WaitingQueue(self.by_priority)
         self.running: list[Request] = []
@@ -158,6 +166,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         scheduled: list[tuple[Request, int]] = []
+        drafts: dict[str, list[int]] = {}
         preempted: list[Request] = []
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
@@ -170,16 +179,25 @@ class Scheduler:
             if num_new <= 0:  # cannot happen for a live request; guard against a stuck loop
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, num_new):
+            draft = (
+                self._propose(req, budget - num_new) if req.num_tokens - req.num_computed_tokens == 1 else []
+            )
+            while not self.kv.allocate_slots(req, num_new + len(draft), num_lookahead=len(draft)):
+                if draft:  # drafts are the first thing to go when memory is short
+                    draft = []
+                    continue
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:  # already scheduled (priority policy only)
                     i -= 1
                 budget += self._preempt(victim, scheduled, preempted)
+                drafts.pop(victim.request_id, None)
                 if victim is req:
                     break
             else:
-                scheduled.append((req, num_new))
-                budget -= num_new
+                scheduled.append((req, num_new + len(draft)))
+                if draft:
+                    drafts[req.request_id] = draft
+                budget -= num_new + len(draft)
                 i += 1
                 continue
             # req itself was preempted and removed from running; the same index now holds the next one.
@@ -208,7 +226,24 @@ class Scheduler:
             budget -= num_new
         if self.by_program:
             self._attain_service(scheduled)
-        return self._output(scheduled, preempted)
+        out = self._output(scheduled, preempted)
+        out.spec_token_ids = drafts
+        return out
+
+    def _propose(self, req: Request, budget: int) -> list[int]:
+        """Draft tokens for a request about to decode, within the step's budget, its max_tokens and the
+        context (the verify step yields the accepted drafts and one more token)."""
+        if self.proposer is None:
+            return []
+        spec = self.config.speculative
+        if spec.disable_by_batch_size and len(self.running) > spec.disable_by_batch_size:
+            return []
+        limit = min(
+            budget, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1
+        )
+        if limit <= 0:
+            return []
+        return self.proposer.propose(req.request_id, req.all_token_ids, limit, req.program_id)
 
     def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> SchedulerOutput:
         out = SchedulerOutput(preempted_req_ids=[r.request_id for r in preempted])
@@ -336,6 +371,16 @@ class Scheduler:
             req.num_computed_tokens += num_new
             prompt_lp = result.prompt_logprobs.get(req_id)
             row = rows.get(req_id)
+            draft = sched.spec_token_ids.get(req_id)
+            if draft:
+                # Rejected drafts were computed but are not the request's: their KV is overwritten later.
+                accepted = len(result.sampled_token_ids[row]) - 1 if row is not None else 0
+                req.num_computed_tokens -= len(draft) - accepted
+                stats.num_draft_tokens += len(draft)
+                stats.num_accepted_tokens += accepted
+                stats.num_verifications += 1
+                if self.proposer is not None:
+                    self.proposer.observe(req_id, len(draft), accepted)
             if row is None and prompt_lp is None:
                 continue
             out = self._output_of(req)
@@ -403,6 +448,9 @@ class Scheduler:
         self.kv.free(req)
         self._release_from_runner(req)
         self.requests.pop(req.request_id, None)
+        if self.proposer is not None:
+            done = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+            self.proposer.finish(req.request_id, req.all_token_ids if done else None, req.program_id)
 
     def uncomputed_blocks(self, req_id: str) -> set[int]:
         """Blocks of the request past its computed tokens (their KV is written by the step in flight)."""

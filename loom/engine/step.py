@@ -50,6 +50,8 @@ class SchedulerOutput:
     new_reqs: list[NewRequestData] = field(default_factory=list)
     cached_reqs: list[CachedRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """Draft tokens to verify per request (they follow its last token, inside num_scheduled_tokens)."""
     finished_req_ids: set[str] = field(default_factory=set)
     """Requests the runner must forget before this step (finished, aborted or preempted since the last)."""
     preempted_req_ids: list[str] = field(default_factory=list)
@@ -69,7 +71,7 @@ class ModelRunnerOutput:
 
     req_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[list[int]] = field(default_factory=list)
-    """Tokens sampled for each request of req_ids (one each until speculative decoding)."""
+    """Tokens sampled for each request of req_ids: its accepted drafts, then one more."""
     logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)
     """Per request of req_ids, one entry per sampled token, or None when it asked for none."""
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

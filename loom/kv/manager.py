@@ -100,8 +100,11 @@ class KVCacheManager:
             blocks.append(block)
         return PrefixHit(blocks, len(blocks) * self.block_size) if blocks else NO_HIT
 
-    def allocate_slots(self, request: KVRequest, num_new_tokens: int, hit: PrefixHit = NO_HIT) -> bool:
-        """Make room for num_new_tokens more tokens of the request (after the hit, if any).
+    def allocate_slots(
+        self, request: KVRequest, num_new_tokens: int, hit: PrefixHit = NO_HIT, num_lookahead: int = 0
+    ) -> bool:
+        """Make room for num_new_tokens more tokens of the request (after the hit, if any), the last
+        num_lookahead of them draft tokens that are not the request's yet (never indexed for reuse).
 
         Returns False, changing nothing, if the pool cannot hold them; the caller then preempts or waits.
         """
@@ -128,7 +131,7 @@ class KVCacheManager:
         if num_new_blocks > 0:
             blocks.extend(self.pool.allocate(num_new_blocks))
         if self.enable_caching:
-            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens - num_lookahead)
         return True
 
     def _cache_full_blocks(self, request: KVRequest, blocks: list[Block], num_tokens: int) -> None:

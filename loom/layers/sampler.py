@@ -50,7 +50,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [num_rows, vocab]."""
-        logits = logits.float()
+        raw = logits.float()
+        logits = self.processed(raw, meta)
+        if meta.all_greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, meta)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw, token_list, meta))
+
+    def processed(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Penalties and min_tokens bans applied to float32 logits (a copy when anything changes)."""
         raw = logits
         logits = self._apply_penalties(logits, meta)
         for row, banned in enumerate(meta.banned_token_ids):
@@ -58,12 +68,17 @@ class Sampler:
                 if logits is raw:
                     logits = logits.clone()
                 logits[row, banned] = float("-inf")
-        if meta.all_greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, meta)
-        token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(raw, token_list, meta))
+        return logits
+
+    def probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The distribution each (non-greedy) row samples from: temperature, top-k, top-p, min-p."""
+        temperature = torch.tensor(
+            [1.0 if p.greedy else p.temperature for p in meta.params], device=logits.device
+        )
+        return self._filter(logits / temperature.unsqueeze(1), meta.params).softmax(dim=-1)
+
+    def generator_for(self, gen: torch.Generator | None, device: torch.device) -> torch.Generator:
+        return gen if gen is not None else self._default_generator(device)
 
     def _apply_penalties(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         rows = [
@@ -94,11 +109,8 @@ class Sampler:
         params = meta.params
         device = logits.device
         greedy = torch.tensor([p.greedy for p in params], device=device)
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
         greedy_tokens = logits.argmax(dim=-1)
-        logits = logits / temperature.unsqueeze(1)
-        logits = self._filter(logits, params)
-        probs = logits.softmax(dim=-1)
+        probs = self.probs(logits, meta)
         noise = torch.empty_like(probs)
         for i, (p, gen) in enumerate(zip(params, meta.generators, strict=True)):
             if not p.greedy:

@@ -66,12 +66,18 @@ class FakeRunner:
         out = ModelRunnerOutput()
         for req_id, n in sched.num_scheduled_tokens.items():
             state = self.states[req_id]
-            sampled = [900 + state.num_output_tokens] if state.samples(n) else []
-            if sampled:
+            draft = sched.spec_token_ids.get(req_id, [])
+            sampled = []
+            if state.samples(n, len(draft)):
+                # Drafts are accepted while they are what this runner would sample, then one more token.
+                for d in [*draft, None]:
+                    sampled.append(900 + state.num_output_tokens + len(sampled))
+                    if d != sampled[-1]:
+                        break
                 out.req_ids.append(req_id)
                 out.sampled_token_ids.append(sampled)
                 out.logprobs.append(None)
-            self.states.advance(req_id, n, sampled)
+            self.states.advance(req_id, n, sampled, len(draft))
         return out
 
 

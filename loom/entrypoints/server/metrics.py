@@ -120,6 +120,9 @@ class _Totals:
     generation_tokens: int = 0
     preemptions: int = 0
     forward_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verifications: int = 0
 
 
 class ServerMetrics:
@@ -141,6 +144,18 @@ class ServerMetrics:
         )
         self.generation_tokens = Counter("loom_generation_tokens", "Tokens generated.", registry=r)
         self.preemptions = Counter("loom_preemptions", "Sequences preempted to free KV blocks.", registry=r)
+        self.spec_draft_tokens = Counter(
+            "loom_spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "loom_spec_decode_num_accepted_tokens", "Draft tokens the model accepted.", registry=r
+        )
+        self.spec_drafts = Counter(
+            "loom_spec_decode_num_drafts",
+            "Verification steps (a request's drafts checked in one forward); accepted / drafts is the "
+            "mean accepted length.",
+            registry=r,
+        )
         self.requests = Counter(
             "loom_requests",
             "Finished completions (each of a request's n) by finish reason; abort = the client left.",
@@ -190,6 +205,9 @@ class ServerMetrics:
             generation_tokens=core.stats.num_generated_tokens,
             preemptions=core.stats.num_preemptions,
             forward_tokens=core.stats.num_forward_tokens,
+            draft_tokens=core.stats.num_draft_tokens,
+            accepted_tokens=core.stats.num_accepted_tokens,
+            verifications=core.stats.num_verifications,
         )
         last, self._last = self._last, now
         self.prefix_cache_queries.inc(now.prefix_queries - last.prefix_queries)
@@ -197,6 +215,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(now.prompt_tokens - last.prompt_tokens)
         self.generation_tokens.inc(now.generation_tokens - last.generation_tokens)
         self.preemptions.inc(now.preemptions - last.preemptions)
+        self.spec_draft_tokens.inc(now.draft_tokens - last.draft_tokens)
+        self.spec_accepted_tokens.inc(now.accepted_tokens - last.accepted_tokens)
+        self.spec_drafts.inc(now.verifications - last.verifications)
         if now.forward_tokens > last.forward_tokens:  # a step that only preempted ran no forward
             self.batch_size.observe(now.forward_tokens - last.forward_tokens)
 
