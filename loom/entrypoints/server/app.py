@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,96 +10,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loom.config import EngineConfig
 from loom.entrypoints.server import protocol as p
 from loom.entrypoints.server.chat import ChatCompletions
 from loom.entrypoints.server.completions import Completions
 from loom.entrypoints.server.config import ServerConfig
-from loom.entrypoints.server.errors import (
-    AuthenticationError,
-    PayloadTooLarge,
-    error_response,
-    install_error_handlers,
-)
+from loom.entrypoints.server.edge import EdgeGuard, HostAllowList
+from loom.entrypoints.server.errors import install_error_handlers
 from loom.entrypoints.server.serving import ServerState
-from loom.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
-
-# Liveness probes must work without credentials and while the model loads.
-OPEN_PATHS = frozenset({"/health"})
-
-
-class EdgeGuard:
-    """ASGI middleware run before routing: API key (401), then body size (413).
-
-    The body is read here, up to the limit, and replayed to the app, so an oversized body is refused
-    whether or not it announced its size (chunked uploads have no Content-Length).
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.api_key = api_key.encode() if api_key is not None else None
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            self._check_key(scope)
-            receive = await self._read_body(scope, receive)
-        except (AuthenticationError, PayloadTooLarge, InvalidRequest) as e:
-            await error_response(e)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _check_key(self, scope: Scope) -> None:
-        if self.api_key is None or scope["path"] in OPEN_PATHS:
-            return
-        headers = dict(scope["headers"])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        # compare_digest: the time taken must not tell how much of a guessed key was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode("latin-1"), self.api_key
-        ):
-            raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> Receive:
-        limit = self.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                raise InvalidRequest("Content-Length is not an integer") from None
-            if size > limit:
-                raise PayloadTooLarge(f"the request body is {size} bytes; the limit is {limit}")
-        chunks, total = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left mid-body: let the app see it
-                first: Message = message
-                break
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            if total > limit:
-                raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-            if not message.get("more_body", False):
-                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return first
-            return await receive()
-
-        return replay
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig | None = None) -> FastAPI:
@@ -123,7 +43,13 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
     app = FastAPI(title="loom", lifespan=lifespan)
     app.state.loom = state
     install_error_handlers(app)
-    app.add_middleware(EdgeGuard, api_key=server_config.api_key, max_body_bytes=server_config.max_body_bytes)
+    hosts = server_config.host_allow_list()
+    app.add_middleware(
+        EdgeGuard,
+        api_key=server_config.api_key,
+        max_body_bytes=server_config.max_body_bytes,
+        hosts=None if hosts is None else HostAllowList(hosts, bind_host=server_config.host),
+    )
 
     @app.get("/health")
     async def health() -> dict:

@@ -196,7 +196,7 @@ class ChatCompletions:
         except InvalidRequest as e:
             e.param = "messages" if e.param == "prompt" else e.param
             raise
-        lease = state.admit([len(prompt.token_ids)])
+        lease = state.admit([len(prompt.token_ids)], params.n)
         state.metrics.on_truncated(truncation, prompt.truncated_tokens)
         job = Job(new_id("chatcmpl"), prompt.token_ids, params)
         headers = reply_headers(False, prompt.truncated_tokens)

@@ -134,7 +134,7 @@ class Completions:
         prompts, cut = fit_prompts(parse_prompts(body, core), budget, core.max_model_len, truncation)
         for _, ids in prompts:
             core.validate_prompt(ids, params)
-        lease = state.admit([len(ids) for _, ids in prompts])
+        lease = state.admit([len(ids) for _, ids in prompts], params.n)
         state.metrics.on_truncated(truncation, cut)
         request_id = new_id("cmpl")
         jobs = [Job(f"{request_id}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)]

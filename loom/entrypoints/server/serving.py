@@ -38,6 +38,8 @@ from loom.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+# After a drain timeout cut what was in flight, the longest wait for those answers to go out.
+CUT_GRACE_S = 5.0
 # Logprobs are floats in JSON; -inf (a token masked by top-k/top-p) is not valid JSON, so clamp it.
 MIN_LOGPROB = -9999.0
 
@@ -81,7 +83,11 @@ class ServerState:
         self.engine = AsyncEngine(engine_config, on_step=self.metrics.on_step)
         self.created = int(time.time())
         self.draining = False
+        self._drain_timeout = 0.0
         self._drain_deadline = float("inf")
+        self.drain_cut: ServiceUnavailable | None = None
+        """Set when the drain timed out: the error every request still in flight was answered with."""
+        self._runs: set[asyncio.Queue] = set()  # the queue of every run() in progress, for the cut
         # Counted here at admission rather than read from engine.num_pending, which only grows once a
         # stream is first awaited: a burst would otherwise all pass the check before any is counted.
         self.num_admitted = 0
@@ -111,13 +117,21 @@ class ServerState:
             raise ServiceUnavailable("the model is still loading", retry_after=retry)
         return core
 
-    def admit(self, prompt_lengths: list[int]) -> Lease:
-        """Reserve room for these prompts or answer 429 (checked after validation: bad input is a 400)."""
+    def admit(self, prompt_lengths: list[int], n: int = 1) -> Lease:
+        """Reserve room for these prompts' sequences (n each) or answer 429 (checked after validation:
+        bad input is a 400, and so is a request that could never be admitted, even on an idle server)."""
         cfg = self.config
-        count, tokens = len(prompt_lengths), sum(prompt_lengths)
+        count, tokens = n * len(prompt_lengths), sum(prompt_lengths)
+        if count > cfg.max_waiting:
+            raise InvalidRequest(
+                f"the request makes {count} sequences ({len(prompt_lengths)} prompts x n={n}); this server "
+                f"runs at most {cfg.max_waiting} at once (--max-waiting), so it can never be admitted: "
+                "split it into smaller requests",
+                param="n" if len(prompt_lengths) == 1 else "prompt",
+            )
         if self.num_admitted + count > cfg.max_waiting:
             raise TooManyRequests(
-                f"the server has {self.num_admitted} requests in flight (limit {cfg.max_waiting}); retry later",
+                f"the server has {self.num_admitted} sequences in flight (limit {cfg.max_waiting}); retry later",
                 retry_after=cfg.retry_after,
             )
         # A request alone over the token limit is still let in when nothing else is in flight, or it
@@ -135,16 +149,34 @@ class ServerState:
     def begin_drain(self, timeout: float) -> None:
         """Stop admitting (503) and give what runs `timeout` seconds to finish."""
         if not self.draining:
-            logger.info("draining: %d requests in flight, up to %.1f s", self.num_admitted, timeout)
+            logger.info("draining: %d sequences in flight, up to %.1f s", self.num_admitted, timeout)
             self.draining = True
+            self._drain_timeout = timeout
             self._drain_deadline = time.monotonic() + timeout
 
     def drain_done(self) -> bool:
-        idle = self.num_admitted == 0 and self.engine.num_pending == 0
-        if not idle and time.monotonic() >= self._drain_deadline:
-            logger.warning("drain timeout: %d requests still in flight", self.num_admitted)
+        """Whether the server may exit: nothing is in flight, or the drain timed out and what it cut has
+        had its answer (a stream its error event and [DONE], a plain request its 503)."""
+        if self.num_admitted == 0 and self.engine.num_pending == 0:
             return True
-        return idle
+        now = time.monotonic()
+        if now < self._drain_deadline:
+            return False
+        if self.drain_cut is None:
+            self._cut_in_flight()
+        return now >= self._drain_deadline + CUT_GRACE_S
+
+    def _cut_in_flight(self) -> None:
+        logger.warning(
+            "drain timeout: cutting %d sequences still in flight (%d requests)",
+            self.num_admitted,
+            len(self._runs),
+        )
+        self.drain_cut = ServiceUnavailable(
+            f"the server shut down before this request finished (drain timeout of {self._drain_timeout:g} s)"
+        )
+        for queue in self._runs:
+            queue.put_nowait((-1, self.drain_cut))
 
     async def drain(self, timeout: float) -> None:
         self.begin_drain(timeout)
@@ -166,9 +198,12 @@ class ServerState:
     async def run(self, request: Request, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yields (job index, delta output) of all jobs as they come, until every job finishes.
 
-        If the client disconnects, raises ClientDisconnected; when the iterator is left for any reason,
+        If the client disconnects, raises ClientDisconnected; if a drain timed out, ServiceUnavailable
+        (in-band for a stream, a 503 otherwise); when the iterator is left for any reason,
         the unfinished jobs are aborted (their KV blocks freed) before it returns.
         """
+        if self.drain_cut is not None:
+            raise self.drain_cut
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -192,6 +227,7 @@ class ServerState:
         tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
         tasks.append(asyncio.create_task(watch()))
         remaining = len(jobs)
+        self._runs.add(queue)
         try:
             while remaining:
                 i, item = await queue.get()
@@ -202,6 +238,7 @@ class ServerState:
                 else:
                     yield i, item
         finally:
+            self._runs.discard(queue)
             for task in tasks:
                 task.cancel()
             # Wait for the cancelled streams to post their aborts, so KV is freed before we return.
