@@ -16,8 +16,9 @@ from loom.entrypoints.server import protocol as p
 from loom.entrypoints.server.chat import ChatCompletions
 from loom.entrypoints.server.completions import Completions
 from loom.entrypoints.server.config import ServerConfig
-from loom.entrypoints.server.edge import EdgeGuard, HostAllowList
+from loom.entrypoints.server.edge import OPEN_PATHS, EdgeGuard, HostAllowList
 from loom.entrypoints.server.errors import install_error_handlers
+from loom.entrypoints.server.openapi import errors, install_openapi, streamed
 from loom.entrypoints.server.serving import ServerState
 
 logger = logging.getLogger(__name__)
@@ -51,20 +52,32 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         hosts=None if hosts is None else HostAllowList(hosts, bind_host=server_config.host),
     )
 
-    @app.get("/health")
+    @app.get("/health", response_model=p.Status, responses=errors())
     async def health() -> dict:
+        """Liveness: the process answers (no API key needed, even while the model loads)."""
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=p.Status, responses=errors(503))
     async def ready() -> dict:
+        """Readiness: 200 once the model has loaded, 503 while loading, after a failure, or draining."""
         state.require_core()
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition (metric names start with `loom_`).",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            },
+            **errors(),
+        },
+    )
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=p.ModelList, responses=errors())
     async def models() -> dict:
         core = state.ready_core()
         card = p.ModelCard(
@@ -72,15 +85,29 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         )
         return p.ModelList(data=[card]).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=p.ChatCompletionResponse,
+        responses={
+            **streamed("The completion (stream: false) or its chunks (stream: true)."),
+            **errors(404, 429, 503),
+        },
+    )
     async def create_chat_completion(body: p.ChatCompletionRequest, request: Request) -> Response:
         return await chat.create(body, request)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=p.CompletionResponse,
+        responses={
+            **streamed("The completion (stream: false) or its chunks (stream: true)."),
+            **errors(404, 429, 503),
+        },
+    )
     async def create_completion(body: p.CompletionRequest, request: Request) -> Response:
         return await completions.create(body, request)
 
-    @app.post("/v1/programs/{program_id}/release")
+    @app.post("/v1/programs/{program_id}/release", response_model=p.Released, responses=errors(503))
     async def release_program(program_id: str) -> dict:
         """An agent program ended: unpin the KV the engine kept for its next call (its blocks stay in
         the prefix cache, evictable). Releasing an unknown or already released program is no error."""
@@ -88,4 +115,5 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         state.engine.release_program(program_id)
         return {"released": True}
 
+    install_openapi(app, state.model_name, api_key=server_config.api_key is not None, open_paths=OPEN_PATHS)
     return app

@@ -307,3 +307,27 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Status(BaseModel):
+    status: str
+    """"ok" (/health) or "ready" (/ready)."""
+
+
+class Released(BaseModel):
+    released: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    """invalid_request_error, authentication_error, rate_limit_error, service_unavailable_error, ..."""
+    param: str | None
+    """The request field at fault, when there is one."""
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, whatever its status (OpenAI's format)."""
+
+    error: ErrorDetail

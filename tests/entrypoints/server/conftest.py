@@ -21,8 +21,14 @@ def servers(launch_server) -> Iterator[dict]:
         "limited": launch_server("limited", "--max-waiting", "2", "--max-waiting-tokens", "200"),
         "drain": launch_server("drain", "--drain-timeout", "60"),
         "drain_cut": launch_server("drain-cut", "--drain-timeout", "2"),
-        "faults": launch_server(
-            "faults", "--allowed-hosts", "models.internal, *.corp.example", entry=FAULTS_ENTRY
+        # Short contexts keep every generation the fuzzer asks for short.
+        "edge": launch_server(
+            "edge",
+            "--max-model-len",
+            "64",
+            "--allowed-hosts",
+            "models.internal, *.corp.example",
+            entry=FAULTS_ENTRY,
         ),
     }
 
@@ -52,9 +58,10 @@ def drain_cut_server(servers: dict):
 
 
 @pytest.fixture(scope="session")
-def faults_server(servers: dict):
-    """No API key, extra allowed hosts, and the test-only fault routes of server_faults.py."""
-    return servers["faults"].wait_ready()
+def edge_server(servers: dict):
+    """No API key, extra --allowed-hosts, a 64-token context (the schemathesis target: every generation
+    is short), and the test-only fault route of server_faults.py (hidden from the OpenAPI document)."""
+    return servers["edge"].wait_ready()
 
 
 def _wait_for(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:

@@ -78,11 +78,11 @@ def test_keyless_server_refuses_foreign_host_headers(limited_server):
         assert _get(limited_server, "/v1/models", host).status_code == 200, host
 
 
-def test_allowed_hosts_flag_extends_the_list(faults_server):
+def test_allowed_hosts_flag_extends_the_list(edge_server):
     for host in ("models.internal", "models.internal:8000", "gpu1.corp.example"):
-        assert _get(faults_server, "/v1/models", host).status_code == 200, host
+        assert _get(edge_server, "/v1/models", host).status_code == 200, host
     for host in ("corp.example", "evil.example"):
-        assert_error(_get(faults_server, "/v1/models", host), 400, code="host_not_allowed")
+        assert_error(_get(edge_server, "/v1/models", host), 400, code="host_not_allowed")
 
 
 def test_a_server_with_a_key_does_not_check_host(server):
@@ -90,10 +90,10 @@ def test_a_server_with_a_key_does_not_check_host(server):
     assert _get(server, "/v1/models", "evil.example").status_code == 200
 
 
-def test_unexpected_error_is_a_500_that_keeps_the_connection(faults_server):
+def test_unexpected_error_is_a_500_that_keeps_the_connection(edge_server):
     """The fault route raises an exception no handler knows; the same keep-alive connection (the same
     client port) must then carry the next request."""
-    with httpx.Client(base_url=faults_server.url, timeout=30) as http:
+    with httpx.Client(base_url=edge_server.url, timeout=30) as http:
 
         def local_port(resp: httpx.Response) -> int:
             return resp.extensions["network_stream"].get_extra_info("client_addr")[1]
@@ -112,5 +112,5 @@ def test_unexpected_error_is_a_500_that_keeps_the_connection(faults_server):
         after = http.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2})
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
         assert local_port(first) == local_port(failed) == local_port(after)
-    assert "injected fault" in faults_server.log.read_text()  # logged with its traceback, once
-    assert faults_server.log.read_text().count("RuntimeError: injected fault") == 1
+    assert "injected fault" in edge_server.log.read_text()  # logged with its traceback, once
+    assert edge_server.log.read_text().count("RuntimeError: injected fault") == 1
