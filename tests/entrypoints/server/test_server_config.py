@@ -51,7 +51,8 @@ def test_serve_flags_build_both_configs():
 
 def test_failed_model_load_keeps_health_up_and_ready_503(tmp_path):
     app = create_app(EngineConfig(model=str(tmp_path / "missing")), ServerConfig())
-    with TestClient(app) as client:
+    # TestClient's default Host, "testserver", is not one a keyless server answers.
+    with TestClient(app, base_url="http://localhost") as client:
         app.state.loom.engine.ready.wait(30)
         assert client.get("/health").status_code == 200
         ready = client.get("/ready")
