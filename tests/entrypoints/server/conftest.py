@@ -20,7 +20,6 @@ def servers(launch_server) -> Iterator[dict]:
         "main": launch_server("main", "--max-body-bytes", str(MAX_BODY_BYTES), api_key=API_KEY),
         "limited": launch_server("limited", "--max-waiting", "2", "--max-waiting-tokens", "200"),
         "drain": launch_server("drain", "--drain-timeout", "60"),
-        "drain_cut": launch_server("drain-cut", "--drain-timeout", "2"),
         # Short contexts keep every generation the fuzzer asks for short.
         "edge": launch_server(
             "edge",
@@ -52,9 +51,10 @@ def drain_server(servers: dict):
 
 
 @pytest.fixture
-def drain_cut_server(servers: dict):
-    """A server whose drain times out after 2 s; the test may SIGTERM it."""
-    return servers["drain_cut"].wait_ready()
+def drain_cut_server(launch_server):
+    """A server whose drain times out after 2 s; the test may SIGTERM it. Started only for its one test,
+    so that it does not add to the start-up of the others."""
+    return launch_server("drain-cut", "--drain-timeout", "2").wait_ready()
 
 
 @pytest.fixture(scope="session")
