@@ -9,6 +9,10 @@ from loom.errors import InvalidRequest
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# What torch.Generator.manual_seed accepts: a negative seed is taken modulo 2**64, so the range is
+# [-2**63, 2**64 - 1]; outside it manual_seed overflows inside the engine step.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -42,7 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False
     """Keep generating past EOS tokens."""
     seed: int | None = None
-    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    """Per-request seed in [-2**63, 2**64 - 1]: the same seed gives the same tokens whatever else is in the batch."""
     logprobs: int | None = None
     """Return the log-probabilities of the sampled token and of the top `logprobs` tokens (0 to 20)."""
     prompt_logprobs: int | None = None
@@ -111,8 +115,12 @@ class SamplingParams:
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if not isinstance(self.priority, int):
             raise bad("priority", f"must be an integer, got {self.priority!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not MIN_SEED <= self.seed <= MAX_SEED
+        ):
+            raise bad("seed", f"must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

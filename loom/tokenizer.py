@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 # Tokens before the first unread one that are decoded again as context, so that merges and leading
 # spaces at the boundary come out as they would in a full decode (the TGI/vLLM choice).
 _CONTEXT_TOKENS = 5
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _ids(value: Any) -> set[int]:
@@ -67,8 +69,18 @@ class Tokenizer:
         self._templates: dict[str, jinja2.Template] = {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; special-token strings in it (e.g. from a chat template) map to their ids."""
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        """Token ids of text; special-token strings in it (e.g. from a chat template) map to their ids.
+
+        Text that is not valid Unicode (a lone UTF-16 surrogate, which JSON's escapes can carry) is the
+        caller's error: InvalidRequest, not the tokenizer's TypeError."""
+        try:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        except TypeError:
+            if isinstance(text, str) and _SURROGATE.search(text):
+                raise InvalidRequest(
+                    "the text contains a lone UTF-16 surrogate (not valid Unicode)", param="prompt"
+                ) from None
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids; an incomplete UTF-8 character at the end decodes as U+FFFD."""

@@ -112,18 +112,19 @@ class Server:
                 self.proc.wait()
 
 
+LOOM_CLI = ("-m", "loom.entrypoints.cli")
+
+
 def launch(
     model_dir: Path,
     log_dir: Path,
     name: str,
     *args: str,
     api_key: str | None = None,
-    script: Path | None = None,
+    entry: tuple[str, ...] = LOOM_CLI,
 ) -> Server:
-    """`loom serve` in a subprocess; `script` runs a test's own entry point (one that installs fault
-    hooks, say) with the same arguments instead of the CLI module."""
+    """`entry`: what python runs, the `loom` CLI by default (a test's own wrapper of it otherwise)."""
     port = free_port()
-    entry = [str(script)] if script is not None else ["-m", "loom.entrypoints.cli"]
     cmd = [sys.executable, *entry, "--log-level", "WARNING", "serve"]
     cmd += [
         "--model",
@@ -149,13 +150,14 @@ def launch(
 
 @pytest.fixture(scope="session")
 def launch_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """launch_server(name, *flags, api_key=None, script=None) -> a Server of the tiny model (not yet ready), stopped at
-    the end of the session: for test modules that need a server of their own configuration."""
+    """launch_server(name, *flags, api_key=None, entry=LOOM_CLI) -> a Server of the tiny model (not yet
+    ready), stopped at the end of the session: for test modules that need a server of their own
+    configuration."""
     logs = tmp_path_factory.mktemp("more-server-logs")
     started: list[Server] = []
 
-    def start(name: str, *args: str, api_key: str | None = None, script: Path | None = None) -> Server:
-        started.append(launch(tiny_llama_dir, logs, name, *args, api_key=api_key, script=script))
+    def start(name: str, *args: str, api_key: str | None = None, entry: tuple[str, ...] = LOOM_CLI) -> Server:
+        started.append(launch(tiny_llama_dir, logs, name, *args, api_key=api_key, entry=entry))
         return started[-1]
 
     yield start

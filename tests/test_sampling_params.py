@@ -53,6 +53,9 @@ from loom.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams
         ("prompt_logprobs", 21),
         ("prompt_logprobs", -1),
         ("seed", 1.5),
+        ("seed", True),
+        ("seed", 2**64),  # past what torch's manual_seed takes: it used to overflow inside the engine
+        ("seed", -(2**63) - 1),
         ("priority", "high"),
         ("priority", None),
     ],
@@ -92,6 +95,8 @@ def test_min_tokens_above_max_tokens_names_min_tokens():
         dict(logprobs=0, prompt_logprobs=MAX_LOGPROBS),
         dict(logprobs=MAX_LOGPROBS),
         dict(seed=-5),
+        dict(seed=2**64 - 1),
+        dict(seed=-(2**63)),
     ],
 )
 def test_boundary_values_are_accepted(params):

@@ -4,15 +4,23 @@ sandbox directory only)."""
 from __future__ import annotations
 
 import ast
+import math
 import operator
+import os
 from pathlib import Path
 
 from loom.agent.errors import ToolError
+from loom.agent.sandbox import open_beneath
 from loom.agent.tools import Tool, ToolRegistry, tool
 
 MAX_EXPRESSION_CHARS = 1000
-# Bounds a power's size before computing it: `9**9**9` would otherwise take the process down.
-MAX_RESULT_BITS = 100_000
+MAX_DEPTH = 100
+MAX_INT_DIGITS = 4000
+"""Largest integer (in decimal digits) the calculator computes: below Python's int-to-str limit (4300),
+so every result can be written as JSON and read by a model."""
+_INT_LIMIT = 10**MAX_INT_DIGITS
+# A power is bounded before it is computed: `9**9**9` would otherwise take the process down.
+_MAX_POWER_BITS = math.ceil(MAX_INT_DIGITS * math.log2(10)) + 1
 MAX_READ_BYTES = 1 << 20
 
 _BINARY = {
@@ -31,8 +39,8 @@ class CalculatorError(ToolError, ValueError):
 
 def _power(base: int | float, exponent: int | float) -> int | float:
     if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
-        if max(base.bit_length(), 1) * exponent > MAX_RESULT_BITS:
-            raise CalculatorError("the result would be too large")
+        if (abs(base).bit_length() - 1) * exponent > _MAX_POWER_BITS:
+            raise CalculatorError(f"the result would have more than {MAX_INT_DIGITS} digits")
     elif abs(exponent) > 10_000:
         raise CalculatorError("the exponent is too large")
     result = base**exponent
@@ -41,16 +49,26 @@ def _power(base: int | float, exponent: int | float) -> int | float:
     return result
 
 
+def _bounded(value: int | float) -> int | float:
+    """Every intermediate result is a finite float or an int of at most MAX_INT_DIGITS digits: inf and
+    nan are not numbers JSON can carry (json.dumps would write `Infinity`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CalculatorError("the result overflows a 64-bit float (the largest is about 1.8e308)")
+    if isinstance(value, int) and abs(value) >= _INT_LIMIT:
+        raise CalculatorError(f"the result has more than {MAX_INT_DIGITS} digits")
+    return value
+
+
 def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
+        return _bounded(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow):
-            return _power(left, right)
-        return _BINARY[type(node.op)](left, right)
+            return _bounded(_power(left, right))
+        return _bounded(_BINARY[type(node.op)](left, right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     raise CalculatorError(
@@ -66,6 +84,12 @@ def calculate(expression: str) -> int | float:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as e:
         raise CalculatorError(f"cannot parse {expression!r}: {e.msg}") from e
+    stack = [(tree, 0)]
+    while stack:  # bounded depth first: evaluating recurses, and `-----...1` nests as deep as it is long
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CalculatorError(f"the expression nests deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
     try:
         return _evaluate(tree)
     except ZeroDivisionError as e:
@@ -84,23 +108,9 @@ def calculator(expression: str) -> int | float:
     return calculate(expression)
 
 
-def resolve_in_sandbox(sandbox: str | Path, path: str) -> Path:
-    """The real path of `path` (relative to sandbox) if it lies inside sandbox, else raise ToolError.
-
-    Resolving follows symlinks and `..` first, so a link or a `../` that leads outside is refused;
-    absolute paths are allowed only if they resolve inside too.
-    """
-    root = Path(sandbox).resolve(strict=True)
-    if "\x00" in path:
-        raise ToolError("the path contains a NUL character")
-    target = (root / path).resolve()
-    if not target.is_relative_to(root):
-        raise ToolError(f"{path!r} is outside the sandbox directory; only files inside it can be read")
-    return target
-
-
 def make_read_file(sandbox: str | Path, max_bytes: int = MAX_READ_BYTES) -> Tool:
-    """A `read_file` tool that reads text files inside `sandbox` and refuses everything else."""
+    """A `read_file` tool that reads text files inside `sandbox` and refuses everything else (symlinks
+    are followed only while they stay inside; see loom/agent/sandbox.py)."""
     root = Path(sandbox).resolve(strict=True)
     if not root.is_dir():
         raise NotADirectoryError(f"sandbox {root} is not a directory")
@@ -111,10 +121,7 @@ def make_read_file(sandbox: str | Path, max_bytes: int = MAX_READ_BYTES) -> Tool
         Args:
             path: the file's path, relative to the working directory.
         """
-        target = resolve_in_sandbox(root, path)
-        if not target.is_file():
-            raise ToolError(f"{path!r} is not a file in the sandbox")
-        with target.open("rb") as f:
+        with os.fdopen(open_beneath(root, path), "rb") as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ToolError(f"{path!r} is larger than {max_bytes} bytes")

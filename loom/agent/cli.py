@@ -18,7 +18,9 @@ from typing import Any
 from loom.agent.builtin_tools import builtin_tools
 from loom.agent.clients import ChatClient, EngineClient, OpenAIClient
 from loom.agent.events import Event
+from loom.agent.graph import LLMNode, Workflow
 from loom.agent.loader import load_workflow
+from loom.agent.record import RunRecord
 from loom.agent.runtime import POLICIES, RunResult, Runtime
 from loom.errors import LoomError
 
@@ -78,40 +80,68 @@ def summary(result: RunResult) -> dict[str, Any]:
     }
 
 
-async def _run(args: argparse.Namespace, client: ChatClient) -> RunResult:
+def _output_or_note(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False, default=str)
+    except (ValueError, RecursionError) as e:
+        return f"<not representable as JSON: {e}>"
+    return value
+
+
+def render_summary(result: RunResult) -> str:
+    """The summary as strict JSON, whatever the outputs hold: an output JSON cannot carry (NaN or an
+    infinity, an int past Python's int-to-str limit, nesting too deep) is replaced by a note saying
+    why, rather than printed as `Infinity` or failing the print after the run did its work."""
+    data = summary(result)
+    data["outputs"] = {name: _output_or_note(v) for name, v in data["outputs"].items()}
+    return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False, default=str)
+
+
+async def _run(
+    args: argparse.Namespace, workflow: Workflow, client: ChatClient | None, records: list[RunRecord]
+) -> RunResult:
+    runtime = Runtime(client, builtin_tools(args.sandbox), policy=args.policy, deadline=args.deadline)
+    progress = Progress(len(workflow.nodes), quiet=args.quiet)
+    try:
+        handle = runtime.start(workflow, parse_inputs(args.input), on_event=progress)
+        records.append(handle.record)
+        return await handle.wait()
+    finally:
+        progress.close()
+
+
+async def _main(args: argparse.Namespace, records: list[RunRecord]) -> RunResult:
     workflow = load_workflow(args.workflow)
     if args.max_tokens is not None:
         workflow.sampling["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         workflow.sampling["temperature"] = args.temperature
-    runtime = Runtime(client, builtin_tools(args.sandbox), policy=args.policy, deadline=args.deadline)
-    progress = Progress(len(workflow.nodes), quiet=args.quiet)
-    try:
-        return await runtime.run(workflow, parse_inputs(args.input), on_event=progress)
-    finally:
-        progress.close()
-
-
-async def _main(args: argparse.Namespace) -> RunResult:
     if args.base_url:
-        return await _run(args, OpenAIClient(args.base_url, args.api_key, args.model))
+        return await _run(args, workflow, OpenAIClient(args.base_url, args.api_key, args.model), records)
+    if not any(isinstance(node, LLMNode) for node in workflow.nodes.values()):
+        return await _run(args, workflow, None, records)  # tools and functions only: no model to load
     from loom.entrypoints.cli import engine_config_from_args
 
     async with EngineClient.launch(engine_config_from_args(args)) as client:
-        return await _run(args, client)
+        return await _run(args, workflow, client, records)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    """Run the workflow, print the summary JSON on stdout, write the record and timeline if asked."""
+    """Run the workflow, print the summary JSON on stdout, write the record and timeline if asked.
+
+    The record is written however the run ends (an interrupt or a crash included), before anything
+    else can fail."""
+    records: list[RunRecord] = []
     try:
-        result = asyncio.run(_main(args))
+        result = asyncio.run(_main(args, records))
     except LoomError as e:  # a bad workflow, input or model: the message says what to fix
         raise SystemExit(f"error: {e}") from e
-    if args.record:
-        result.record.save_json(args.record)
+    finally:
+        if args.record and records:
+            records[0].save_json(args.record)
     if args.timeline:
         result.record.timeline_png(args.timeline)
-    print(json.dumps(summary(result), indent=2, ensure_ascii=False, default=str))
+    print(render_summary(result))
     if not result.ok:
         raise SystemExit(1)
 

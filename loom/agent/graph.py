@@ -357,24 +357,29 @@ class Workflow:
         return out
 
     def _topological_order(self) -> list[str]:
+        """Dependencies before dependents, otherwise in declaration order. Iterative: a chain of
+        thousands of nodes declared in reverse order would overflow Python's stack if this recursed."""
         state: dict[str, int] = {}  # 1: on the current path, 2: done
         order: list[str] = []
-        path: list[str] = []
-
-        def visit(name: str) -> None:
-            state[name] = 1
-            path.append(name)
-            for dep in self.nodes[name].deps:
-                if state.get(dep) == 1:
+        end = object()
+        for start in self.nodes:
+            if start in state:
+                continue
+            state[start] = 1
+            path = [start]
+            pending = [iter(self.nodes[start].deps)]  # the deps still to visit, per node on the path
+            while path:
+                dep = next(pending[-1], end)
+                if dep is end:
+                    name = path.pop()
+                    pending.pop()
+                    state[name] = 2
+                    order.append(name)
+                elif state.get(dep) == 1:
                     cycle = path[path.index(dep) :] + [dep]
                     raise WorkflowError(f"dependency cycle: {' -> '.join(cycle)} (x -> y: x depends on y)")
-                if dep not in state:
-                    visit(dep)
-            path.pop()
-            state[name] = 2
-            order.append(name)
-
-        for name in self.nodes:
-            if name not in state:
-                visit(name)
+                elif dep not in state:
+                    state[dep] = 1
+                    path.append(dep)
+                    pending.append(iter(self.nodes[dep].deps))
         return order

@@ -128,15 +128,88 @@ def workflow_from_dict(
     return wf
 
 
+MAX_YAML_CHARS = 1 << 20
+"""Longest workflow text accepted."""
+MAX_YAML_NODES = 100_000
+"""Most YAML values in a workflow with every alias expanded: a few anchors that repeat each other
+("billion laughs") would otherwise expand to billions of values in whatever walks the result."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting accepted (composing a YAML document recurses once per level)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents nesting deeper than MAX_YAML_DEPTH."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise WorkflowError(f"the workflow nests deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a composed document whose aliases expand past MAX_YAML_NODES values, or refer to
+    themselves. An alias is the very node it repeats, so sizes are memoized per node: linear time."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[key] > MAX_YAML_NODES:
+                raise WorkflowError(
+                    f"the workflow expands to more than {MAX_YAML_NODES} values (aliases repeat what they "
+                    "name: nested anchors multiply); refused"
+                )
+        elif key in on_path:
+            raise WorkflowError("the workflow has an alias inside the value it names (a recursive structure)")
+        elif key not in size:
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node) if id(c) not in size)
+
+
 def workflow_from_yaml(text: str, functions: Mapping[str, Callable[..., Any]] | None = None) -> Workflow:
-    """A Workflow from YAML text (parsed with yaml.safe_load: no tags that build Python objects)."""
+    """A Workflow from YAML text: safe tags only (none build Python objects), and bounded in size,
+    nesting and alias expansion, so a hostile file is refused at once rather than eating the machine."""
+    if len(text) > MAX_YAML_CHARS:
+        raise WorkflowError(f"the workflow is {len(text)} characters; the limit is {MAX_YAML_CHARS}")
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = None
+        if node is not None:
+            _check_expansion(node)
+            data = loader.construct_document(node)
     except yaml.YAMLError as e:
         raise WorkflowError(f"the workflow is not valid YAML: {e}") from e
+    finally:
+        loader.dispose()
     return workflow_from_dict(data, functions)
 
 
 def load_workflow(path: str | Path, functions: Mapping[str, Callable[..., Any]] | None = None) -> Workflow:
     """Read a workflow YAML file."""
-    return workflow_from_yaml(Path(path).read_text(), functions)
+    path = Path(path)
+    # UTF-8 takes at most 4 bytes a character: a file this large is over the limit without reading it.
+    if path.stat().st_size > 4 * MAX_YAML_CHARS:
+        raise WorkflowError(f"{path} is larger than {MAX_YAML_CHARS} characters")
+    return workflow_from_yaml(path.read_text(), functions)

@@ -93,6 +93,16 @@ class RunHandle:
     async def result(self) -> RunResult:
         return await self._task
 
+    async def wait(self) -> RunResult:
+        """The result; cancelling the waiter cancels the run (after it cleaned up), so the run's task
+        never outlives whoever waits for it."""
+        try:
+            return await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            self.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            raise
+
     def __await__(self) -> Generator[Any, None, RunResult]:
         return self._task.__await__()
 
@@ -149,14 +159,7 @@ class Runtime:
         self, workflow: Workflow, inputs: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> RunResult:
         """Start a run and wait for its result (cancelling this coroutine cancels the run)."""
-        handle = self.start(workflow, inputs, **kwargs)
-        try:
-            return await asyncio.shield(handle.result())
-        except asyncio.CancelledError:
-            # The run's own task must not outlive its caller; let it clean up before re-raising.
-            handle.cancel()
-            await asyncio.gather(handle.result(), return_exceptions=True)
-            raise
+        return await self.start(workflow, inputs, **kwargs).wait()
 
 
 class _Run:

@@ -94,8 +94,17 @@ def lookup(ref: Ref, context: Mapping[str, Any]) -> Any:
 
 
 def to_text(value: Any) -> str:
-    """How a value reads inside a prompt: strings as they are, everything else as JSON."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    """How a value reads inside a prompt: strings as they are, everything else as JSON.
+
+    Strict JSON: NaN and infinities (which json.dumps would write as `NaN` / `Infinity`, valid in no
+    JSON parser), ints past Python's int-to-str limit and non-JSON types raise TemplateError.
+    """
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise TemplateError(f"a {type(value).__name__} value cannot be written as JSON: {e}") from e
 
 
 def render(source: str, context: Mapping[str, Any]) -> str:

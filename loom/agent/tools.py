@@ -18,12 +18,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loom.agent.errors import SchemaError, ToolArgumentError, ToolError
+from loom.agent.errors import SchemaError, TemplateError, ToolArgumentError, ToolError
 from loom.agent.schema import validate
+from loom.agent.template import to_text
 
 logger = logging.getLogger(__name__)
 
 _SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+MAX_RESULT_CHARS = 1 << 20
+"""Default bound of a tool result: as large as read_file's largest file."""
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what OpenAI accepts as a function name
 
 
@@ -109,6 +112,8 @@ class Tool:
     description: str
     parameters: dict
     fn: Callable[..., Any]
+    max_result_chars: int = MAX_RESULT_CHARS
+    """Longest result (as text or JSON) a call may return; a longer one is a ToolError."""
 
     def spec(self) -> dict:
         """The OpenAI `tools` entry for this tool."""
@@ -126,12 +131,27 @@ class Tool:
             raise ToolArgumentError(f"tool {self.name!r}: bad arguments: {e}") from e
         try:
             if inspect.iscoroutinefunction(self.fn):
-                return await self.fn(**args)
-            return await asyncio.to_thread(self.fn, **args)
+                result = await self.fn(**args)
+            else:
+                result = await asyncio.to_thread(self.fn, **args)
         except ToolError:
             raise
         except Exception as e:
             raise ToolError(f"tool {self.name!r} failed: {type(e).__name__}: {e}") from e
+        self._check_result(result)
+        return result
+
+    def _check_result(self, result: Any) -> None:
+        """A result must read as text or strict JSON within max_result_chars: it goes into a prompt, a
+        record and `loom run`'s output, and none of them may fail on it."""
+        try:
+            text = to_text(result)
+        except TemplateError as e:
+            raise ToolError(f"tool {self.name!r} returned a value that is not JSON: {e}") from e
+        if len(text) > self.max_result_chars:
+            raise ToolError(
+                f"tool {self.name!r} returned {len(text)} characters; the limit is {self.max_result_chars}"
+            )
 
 
 def tool(fn: Callable | None = None, *, name: str | None = None, description: str | None = None) -> Any:

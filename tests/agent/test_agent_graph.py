@@ -165,3 +165,72 @@ def test_templates_read_data_only():
         render("{plan.steps.5}", context)
     with pytest.raises(TemplateError):
         render("{text[0]}", context)
+
+
+def _reverse_chain(n: int) -> str:
+    """YAML of n python nodes, each depending on the next one declared: the whole chain in reverse."""
+    lines = ["name: chain", "nodes:"]
+    for i in range(n):
+        deps = f"[n{i + 1}]" if i + 1 < n else "[]"
+        lines.append(f"  - {{name: n{i}, kind: python, function: step, deps: {deps}}}")
+    return "\n".join(lines)
+
+
+def test_a_long_chain_declared_in_reverse_orders_and_runs():
+    """1,500 nodes, each declared before its dependency: the recursive topological sort hit Python's
+    recursion limit (RecursionError) here."""
+    import asyncio
+
+    from loom.agent.runtime import Runtime
+
+    def step(**upstream: int) -> int:
+        return 1 + sum(upstream.values())
+
+    wf = workflow_from_yaml(_reverse_chain(1500), functions={"step": step})
+    assert wf.validate() == [f"n{i}" for i in reversed(range(1500))]
+    result = asyncio.run(Runtime().run(wf))
+    assert result.ok and result.outputs["n0"] == 1500
+    # A cycle closing such a chain is still reported, with its whole path.
+    wf.nodes["n1499"] = type(wf.nodes["n1499"])(name="n1499", fn=step, deps=("n0",))
+    with pytest.raises(WorkflowError, match=r"dependency cycle: n0 -> n1 -> .* -> n1499 -> n0"):
+        wf.validate()
+
+
+def _alias_bomb(levels: int) -> str:
+    """The "billion laughs": each anchor repeats the one before 9 times (9**levels values)."""
+    lines = ["name: bomb", "description:", "  l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    lines += [
+        "nodes:",
+        f"  - {{name: t, kind: tool, tool: calculator, args: {{expression: '1', junk: *l{levels}}}}}",
+    ]
+    return "\n".join(lines)
+
+
+def test_yaml_alias_bombs_and_deep_nesting_are_refused():
+    """9 levels of aliases expand to 387 million values: walking the tool's args took minutes. Now the
+    expansion is counted (once per anchor) before anything is built."""
+    with pytest.raises(WorkflowError, match="expands to more than 100000 values"):
+        workflow_from_yaml(_alias_bomb(9))
+    small = workflow_from_yaml(_alias_bomb(3))  # 9**4 = 6,561 values: fine
+    assert small.nodes["t"].args["junk"][0][0][0] == ["x"] * 9
+    with pytest.raises(WorkflowError, match="alias inside the value it names"):
+        workflow_from_yaml("name: loop\nsampling: &s {again: *s}\nnodes: [{name: a, prompt: x}]")
+    with pytest.raises(WorkflowError, match="nests deeper than 64"):
+        workflow_from_yaml(
+            "name: deep\ndescription: " + "[" * 5000 + "]" * 5000 + "\nnodes: [{name: a, prompt: x}]"
+        )
+    with pytest.raises(WorkflowError, match="characters; the limit is"):
+        workflow_from_yaml("name: big\ndescription: '" + "x" * (1 << 20) + "'\nnodes: [{name: a, prompt: x}]")
+
+
+def test_anchors_that_share_settings_still_work():
+    wf = workflow_from_yaml(
+        """
+name: shared
+nodes:
+  - {name: a, prompt: one, sampling: &fast {max_tokens: 8, temperature: 0}}
+  - {name: b, prompt: two, sampling: *fast}
+"""
+    )
+    assert wf.nodes["a"].sampling == wf.nodes["b"].sampling == {"max_tokens": 8, "temperature": 0}

@@ -90,6 +90,25 @@ def test_agent_calls_tools_and_feeds_results_back():
     assert oks == [True, False, False]
 
 
+def test_a_tool_result_json_cannot_carry_is_an_error_reply_not_a_failed_node():
+    """9**23000 has 21,947 digits (past Python's int-to-str limit) and 1e308*10 is inf: both used to
+    fail the whole agent node; now the model is told, and can go on."""
+    wf = Workflow()
+    wf.agent("solver", "big numbers", tools=["calculator"], max_steps=3)
+    client = FakeClient(
+        replies=[
+            tool_call_reply("calculator", '{"expression": "9 ** 23000"}', "c1"),
+            tool_call_reply("calculator", '{"expression": "1e308 * 10"}', "c2"),
+            "Too large.",
+        ]
+    )
+    result = asyncio.run(Runtime(client, builtin_tools()).run(wf))
+    assert result.ok and result.outputs["solver"] == "Too large."
+    replies = [m["content"] for m in client.calls[-1]["messages"] if m["role"] == "tool"]
+    assert replies[0].startswith("error:") and "4000 digits" in replies[0]
+    assert replies[1].startswith("error:") and "overflows" in replies[1]
+
+
 def test_agent_gives_up_after_max_steps():
     wf = Workflow()
     wf.agent("loop", "go", tools=["calculator"], max_steps=2)

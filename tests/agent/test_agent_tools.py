@@ -4,6 +4,9 @@ calculator and the read_file sandbox."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import math
 import os
 from typing import Literal
 
@@ -12,6 +15,7 @@ import pytest
 from loom.agent.builtin_tools import CalculatorError, builtin_tools, calculate, make_read_file
 from loom.agent.errors import SchemaError, ToolArgumentError, ToolError
 from loom.agent.schema import validate
+from loom.agent.template import to_text
 from loom.agent.tools import ToolRegistry, tool
 
 
@@ -140,3 +144,36 @@ def test_read_file_stays_inside_the_sandbox(tmp_path):
         asyncio.run(read.call({"path": "sub"}))
     assert "read_file" not in builtin_tools()  # no sandbox, no file access
     assert "read_file" in builtin_tools(sandbox)
+
+
+def test_calculator_results_are_finite_and_printable():
+    """1e308*10 used to give inf (written as `Infinity`, not JSON) and 9**23000 an int of 21,947 digits
+    (past Python's int-to-str limit: `loom run` died printing it)."""
+    for expression, why in [
+        ("1e308 * 10", "overflows"),
+        ("1e999", "overflows"),
+        ("-(1e308 * 10)", "overflows"),
+        ("9 ** 23000", "digits"),
+        ("(10 ** 3000) * (10 ** 3000)", "digits"),
+        ("-" * 200 + "1", "nests deeper"),
+    ]:
+        with pytest.raises(CalculatorError, match=why):
+            calculate(expression)
+    biggest = calculate("10 ** 3999")  # the largest integer magnitude the calculator gives: 4,000 digits
+    assert json.loads(to_text(biggest)) == biggest and len(to_text(biggest)) == 4000
+
+
+def test_tool_results_must_be_strict_json_within_the_bound():
+    @tool(name="echo")
+    def echo(kind: str) -> object:
+        """Return a value of the given kind."""
+        return {"big": 10**5000, "inf": math.inf, "nan": [math.nan], "set": {1}, "long": "x" * 100}[kind]
+
+    registry = ToolRegistry([echo])
+    small = ToolRegistry([dataclasses.replace(echo, max_result_chars=50)])
+    for kind, why in [("big", "not JSON"), ("inf", "not JSON"), ("nan", "not JSON"), ("set", "not JSON")]:
+        with pytest.raises(ToolError, match=why):
+            asyncio.run(registry.call("echo", {"kind": kind}))
+    assert asyncio.run(registry.call("echo", {"kind": "long"})) == "x" * 100
+    with pytest.raises(ToolError, match="100 characters; the limit is 50"):
+        asyncio.run(small.call("echo", {"kind": "long"}))

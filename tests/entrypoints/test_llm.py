@@ -40,6 +40,14 @@ def test_seed_reproducible_whatever_the_batch(llm):
     assert different.outputs[0].token_ids != alone
 
 
+def test_extreme_seeds_run(llm):
+    """The ends of the accepted seed range reach torch's manual_seed without overflowing (n=2 seeds the
+    second sequence from a hash of the seed, too)."""
+    for seed in (2**64 - 1, -(2**63)):
+        out = llm.generate("Hello", SamplingParams(n=2, temperature=1.0, max_tokens=3, seed=seed))[0]
+        assert [len(c.token_ids) for c in out.outputs] == [3, 3]
+
+
 def test_n_completions(llm):
     out = llm.generate("Hello", SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,96 +10,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loom.config import EngineConfig
 from loom.entrypoints.server import protocol as p
 from loom.entrypoints.server.chat import ChatCompletions
 from loom.entrypoints.server.completions import Completions
 from loom.entrypoints.server.config import ServerConfig
-from loom.entrypoints.server.errors import (
-    AuthenticationError,
-    PayloadTooLarge,
-    error_response,
-    install_error_handlers,
-)
+from loom.entrypoints.server.edge import OPEN_PATHS, EdgeGuard, HostAllowList
+from loom.entrypoints.server.errors import install_error_handlers
+from loom.entrypoints.server.openapi import errors, install_openapi, streamed
 from loom.entrypoints.server.serving import ServerState
-from loom.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
-
-# Liveness probes must work without credentials and while the model loads.
-OPEN_PATHS = frozenset({"/health"})
-
-
-class EdgeGuard:
-    """ASGI middleware run before routing: API key (401), then body size (413).
-
-    The body is read here, up to the limit, and replayed to the app, so an oversized body is refused
-    whether or not it announced its size (chunked uploads have no Content-Length).
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.api_key = api_key.encode() if api_key is not None else None
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            self._check_key(scope)
-            receive = await self._read_body(scope, receive)
-        except (AuthenticationError, PayloadTooLarge, InvalidRequest) as e:
-            await error_response(e)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _check_key(self, scope: Scope) -> None:
-        if self.api_key is None or scope["path"] in OPEN_PATHS:
-            return
-        headers = dict(scope["headers"])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        # compare_digest: the time taken must not tell how much of a guessed key was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode("latin-1"), self.api_key
-        ):
-            raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> Receive:
-        limit = self.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                raise InvalidRequest("Content-Length is not an integer") from None
-            if size > limit:
-                raise PayloadTooLarge(f"the request body is {size} bytes; the limit is {limit}")
-        chunks, total = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left mid-body: let the app see it
-                first: Message = message
-                break
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            if total > limit:
-                raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-            if not message.get("more_body", False):
-                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return first
-            return await receive()
-
-        return replay
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig | None = None) -> FastAPI:
@@ -125,25 +46,42 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
     app = FastAPI(title="loom", lifespan=lifespan)
     app.state.loom = state
     install_error_handlers(app)
-    app.add_middleware(EdgeGuard, api_key=server_config.api_key, max_body_bytes=server_config.max_body_bytes)
+    hosts = server_config.host_allow_list()
+    app.add_middleware(
+        EdgeGuard,
+        api_key=server_config.api_key,
+        max_body_bytes=server_config.max_body_bytes,
+        hosts=None if hosts is None else HostAllowList(hosts, bind_host=server_config.host),
+    )
 
-    @app.get("/health")
+    @app.get("/health", response_model=p.Status, responses=errors())
     async def health() -> dict:
-        """Liveness: 200 while the process can serve (also while the model loads), 503 once the
+        """Liveness: the process answers (no API key needed, even while the model loads); 503 once the
         engine died."""
         state.require_live()
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=p.Status, responses=errors(503))
     async def ready() -> dict:
+        """Readiness: 200 once the model has loaded, 503 while loading, after a failure, or draining."""
         state.require_core()
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition (metric names start with `loom_`).",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            },
+            **errors(),
+        },
+    )
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=p.ModelList, responses=errors())
     async def models() -> dict:
         core = state.ready_core()
         card = p.ModelCard(
@@ -151,15 +89,29 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         )
         return p.ModelList(data=[card]).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=p.ChatCompletionResponse,
+        responses={
+            **streamed("The completion (stream: false) or its chunks (stream: true)."),
+            **errors(404, 429, 503),
+        },
+    )
     async def create_chat_completion(body: p.ChatCompletionRequest, request: Request) -> Response:
         return await chat.create(body, request)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=p.CompletionResponse,
+        responses={
+            **streamed("The completion (stream: false) or its chunks (stream: true)."),
+            **errors(404, 429, 503),
+        },
+    )
     async def create_completion(body: p.CompletionRequest, request: Request) -> Response:
         return await completions.create(body, request)
 
-    @app.post("/v1/programs/{program_id}/release")
+    @app.post("/v1/programs/{program_id}/release", response_model=p.Released, responses=errors(503))
     async def release_program(program_id: str) -> dict:
         """An agent program ended: unpin the KV the engine kept for its next call (its blocks stay in
         the prefix cache, evictable). Releasing an unknown or already released program is no error."""
@@ -167,4 +119,5 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         state.engine.release_program(program_id)
         return {"released": True}
 
+    install_openapi(app, state.model_name, api_key=server_config.api_key is not None, open_paths=OPEN_PATHS)
     return app

@@ -11,6 +11,14 @@ from starlette.responses import Response
 
 from loom.entrypoints.llm import merge_delta
 from loom.entrypoints.server import protocol as p
+from loom.entrypoints.server.fields import (
+    finite_logprob,
+    new_id,
+    sampling_params,
+    stream_usage,
+    top_items,
+    usage,
+)
 from loom.entrypoints.server.response_caching import (
     CacheSlot,
     lookup,
@@ -18,17 +26,8 @@ from loom.entrypoints.server.response_caching import (
     replay_chat,
     reply_headers,
 )
-from loom.entrypoints.server.serving import (
-    ServerState,
-    SSEResponse,
-    finite_logprob,
-    new_id,
-    sampling_params,
-    sse_events,
-    stream_usage,
-    top_items,
-    usage,
-)
+from loom.entrypoints.server.serving import ServerState
+from loom.entrypoints.server.sse import SSEResponse, sse_events
 from loom.errors import InvalidRequest
 from loom.frontend.chat import ChatPrompt, render_chat
 from loom.frontend.input_processor import ProcessedRequest
@@ -159,7 +158,7 @@ class ChatCompletions:
             return prompt, job
 
         prompt, job = await state.in_thread(prepare)
-        lease = state.admit([len(prompt.token_ids)])
+        lease = state.admit([len(prompt.token_ids)], params.n)
         state.metrics.on_truncated(truncation, prompt.truncated_tokens)
         headers = reply_headers(False, prompt.truncated_tokens)
         if body.stream:

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from types import FrameType
 
 import uvicorn
@@ -19,8 +18,10 @@ logger = logging.getLogger(__name__)
 
 # After a drain, only idle keep-alive connections remain; this bounds how long uvicorn waits for them.
 _SHUTDOWN_GRACE_S = 2
-# The process status when the engine died (a step hung, or its loop raised).
-EXIT_ENGINE_DEAD = 3
+DRAIN_CUT_EXIT = 3
+"""Exit status of `loom serve` when the drain timeout cut requests short (0 when all finished)."""
+EXIT_ENGINE_DEAD = 4
+"""Exit status when the engine died (its loop raised, or a step hung past --step-timeout-s)."""
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +49,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that SIGTERM drains first: /ready and new requests answer 503 (the socket stays
     open, so clients and load balancers get an answer rather than a refused connection) while running
-    requests finish, up to the drain timeout; then the usual shutdown, and exit status 0.
+    requests finish, up to the drain timeout; then the usual shutdown, and exit status 0. If the timeout
+    cut requests short, each got an answer first (a stream an in-band error event and [DONE], a plain
+    request a 503), and the exit status is DRAIN_CUT_EXIT.
 
     A second SIGTERM, or SIGINT, shuts down at once as plain uvicorn does.
     """
@@ -99,11 +102,16 @@ def run_server(args: argparse.Namespace) -> None:
         log_level=getattr(args, "log_level", "info").lower(),
         timeout_graceful_shutdown=_SHUTDOWN_GRACE_S,
     )
-    server = DrainingServer(config, app.state.loom, server_config.drain_timeout)
+    state = app.state.loom
+    server = DrainingServer(config, state, server_config.drain_timeout)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its shutdown; that is the expected way out
         pass
     if server.exit_code:
         logger.critical("exiting with status %d: the engine died", server.exit_code)
-        sys.exit(server.exit_code)
+        raise SystemExit(server.exit_code)
+    if state.drain_cut is not None:
+        # A supervisor (systemd, Kubernetes) should see that work was lost, not a clean stop.
+        logger.error("the drain timed out and cut requests short: exiting with status %d", DRAIN_CUT_EXIT)
+        raise SystemExit(DRAIN_CUT_EXIT)

@@ -11,6 +11,14 @@ from starlette.responses import Response
 
 from loom.entrypoints.llm import merge_delta
 from loom.entrypoints.server import protocol as p
+from loom.entrypoints.server.fields import (
+    finite_logprob,
+    new_id,
+    sampling_params,
+    stream_usage,
+    top_items,
+    usage,
+)
 from loom.entrypoints.server.response_caching import (
     CacheSlot,
     lookup,
@@ -18,17 +26,8 @@ from loom.entrypoints.server.response_caching import (
     replay_completion,
     reply_headers,
 )
-from loom.entrypoints.server.serving import (
-    ServerState,
-    SSEResponse,
-    finite_logprob,
-    new_id,
-    sampling_params,
-    sse_events,
-    stream_usage,
-    top_items,
-    usage,
-)
+from loom.entrypoints.server.serving import ServerState
+from loom.entrypoints.server.sse import SSEResponse, sse_events
 from loom.errors import InvalidRequest
 from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.truncation import fit_prompt
@@ -141,7 +140,7 @@ class Completions:
             return prompts, cut, jobs
 
         prompts, cut, jobs = await state.in_thread(prepare)
-        lease = state.admit([len(ids) for _, ids in prompts])
+        lease = state.admit([len(ids) for _, ids in prompts], params.n)
         state.metrics.on_truncated(truncation, cut)
         headers = reply_headers(False, cut)
         if body.stream:

@@ -21,10 +21,12 @@ class ServerConfig:
     """TCP port to listen on."""
     api_key: str | None = None
     """When set, every route except /health requires `Authorization: Bearer <key>`."""
+    allowed_hosts: str | None = None
+    """Without --api-key, Host names answered besides localhost, *.localhost, IP addresses and --host (a defence against DNS rebinding; others get 400): comma-separated, ".example.com" (or "*.example.com") allows its subdomains, "*" any host."""
     served_model_name: str | None = None
     """The model name clients send and see; defaults to --model (or "loom-tiny" for the built-in model)."""
     max_waiting: int = 256
-    """Most requests in flight (waiting + running) before new ones get 429; a multi-prompt completion counts each prompt."""
+    """Most sequences in flight (waiting + running) before new requests get 429; a request counts n x its prompts, and one larger than this alone gets 400."""
     max_waiting_tokens: int | None = None
     """Most prompt tokens in flight before new requests get 429; None disables the check."""
     max_body_bytes: int = 4 * 1024 * 1024
@@ -34,7 +36,7 @@ class ServerConfig:
     max_n: int = 16
     """Largest `n` (completions per prompt) a request may ask for."""
     drain_timeout: float = 30.0
-    """On SIGTERM, seconds to let running requests finish (new ones get 503) before exiting."""
+    """On SIGTERM, seconds to let running requests finish (new ones get 503); when it expires, streams still running end with an error event and [DONE], other requests get 503, and the exit status is 3."""
     retry_after: int = 1
     """Seconds sent in the Retry-After header of 429 and 503 answers."""
     tool_call_parser: str = "auto"
@@ -75,3 +77,16 @@ class ServerConfig:
             raise bad("response_cache_ttl_s", f"must be > 0, got {self.response_cache_ttl_s}")
         if self.api_key == "":
             raise bad("api_key", "must not be empty (leave it unset to disable authentication)")
+        for name in self.host_allow_list() or ():
+            if not name or ":" in name or "/" in name or "*" in name:
+                raise bad(
+                    "allowed_hosts",
+                    f"must be host names without ports, or '*' alone, got {self.allowed_hosts!r}",
+                )
+
+    def host_allow_list(self) -> tuple[str, ...] | None:
+        """The extra allowed Host names; None when any host is allowed ("*")."""
+        names = tuple(n.strip() for n in (self.allowed_hosts or "").split(",") if n.strip())
+        if names == ("*",):
+            return None
+        return tuple(n[1:] if n.startswith("*.") else n for n in names)  # "*.x.com" means ".x.com"

@@ -32,6 +32,10 @@ class APIError(LoomError):
         """Seconds for the Retry-After header, when the client should simply try again later."""
 
 
+class HostNotAllowed(APIError):
+    """A keyless server got a Host header that is not on its allow-list (400): DNS rebinding."""
+
+
 class AuthenticationError(APIError):
     """Missing or wrong API key (401)."""
 
@@ -68,6 +72,7 @@ _MAPPING: list[tuple[type[BaseException], _Status]] = [
     (ContextLengthExceeded, _Status(400, "invalid_request_error", "context_length_exceeded")),
     (InvalidRequest, _Status(400, "invalid_request_error")),
     (RequestValidationError, _Status(400, "invalid_request_error")),
+    (HostNotAllowed, _Status(400, "invalid_request_error", "host_not_allowed")),
     (AuthenticationError, _Status(401, "authentication_error", "invalid_api_key")),
     (ModelNotFound, _Status(404, "invalid_request_error", "model_not_found")),
     (PayloadTooLarge, _Status(413, "invalid_request_error", "request_too_large")),
@@ -87,6 +92,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON: {detail}".rstrip(": "), None
+    for e in errors:
+        # A protocol validator that raised our own InvalidRequest already says what and where.
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):
+            return cause.message, cause.param
     parts, param = [], None
     for e in errors:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
@@ -118,8 +128,16 @@ def describe(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    body = {"error": {"message": message, "type": status.type, "param": param, "code": status.code}}
+    body = {
+        "error": {"message": _printable(message), "type": status.type, "param": param, "code": status.code}
+    }
     return status.status, body, headers
+
+
+def _printable(message: str) -> str:
+    """The message with anything UTF-8 cannot encode (lone surrogates echoed from the input) escaped, so
+    that answering an error can never fail in its turn."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(exc: BaseException) -> JSONResponse:

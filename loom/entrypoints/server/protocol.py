@@ -1,18 +1,59 @@
 """OpenAI wire format: pydantic models of the requests we accept and the responses we send.
 
-Requests allow unknown fields (clients send many we do not use); ranges are checked by SamplingParams
-and the handlers, so each error names the OpenAI parameter it concerns.
+Requests allow unknown fields (clients send many we do not use) but are strict about the types of the
+ones they declare, as their JSON schema says: `"max_tokens": "2"` or `"stream": 1` is a 400, and a
+boolean is never a token id. Ranges are checked by SamplingParams and the handlers, so each error names
+the OpenAI parameter it concerns.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
+
+from loom.errors import InvalidRequest
+
+TokenId = StrictInt
+"""A token id: an integer, never a boolean or a float (lax validation would read `false` as token 0)."""
+
+# A lone UTF-16 surrogate ("\ud800" in JSON) decodes into a Python str but cannot be encoded as UTF-8,
+# so the tokenizer, the chat template and even the error response would fail on it later.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _strings(body: Any) -> Iterator[tuple[str | None, str, str]]:
+    """(top-level field, where, string) of every string in a parsed JSON body, keys included; iterative,
+    as JSON nests as deep as the parser allows."""
+    stack: list[tuple[Any, str | None, str]] = [(body, None, "")]
+    while stack:
+        value, field, path = stack.pop()
+        if isinstance(value, str):
+            yield field, path or "the body", value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    yield field, f"a key of {path or 'the body'}", key
+                stack.append((item, field or str(key), f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, field, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def check_unicode(body: Any) -> None:
+    """Raise InvalidRequest naming the first field of a parsed request body that holds a lone surrogate."""
+    for field, where, text in _strings(body):
+        if _SURROGATE.search(text):
+            raise InvalidRequest(
+                f"{where} contains a lone UTF-16 surrogate, which is not valid Unicode (send text as "
+                "UTF-8, or a character outside the BMP as a surrogate pair)",
+                param=field,
+            )
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 # ---- requests ----------------------------------------------------------------------------------------
@@ -67,6 +108,14 @@ class ChatMessage(OpenAIModel):
 class SamplingRequest(OpenAIModel):
     """Fields chat and completions requests share; the defaults are OpenAI's."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # One check over the whole parsed body covers every string that can reach the tokenizer or the
+        # template (prompt, content parts, roles, tool names and schemas, stop strings, ...).
+        check_unicode(data)
+        return data
+
     model: str | None = None
     # None means "not given" (OpenAI accepts explicit nulls); the handlers apply OpenAI's defaults.
     n: int | None = None
@@ -86,7 +135,7 @@ class SamplingRequest(OpenAIModel):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int | None = None
@@ -111,7 +160,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -258,3 +307,27 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Status(BaseModel):
+    status: str
+    """"ok" (/health) or "ready" (/ready)."""
+
+
+class Released(BaseModel):
+    released: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    """invalid_request_error, authentication_error, rate_limit_error, service_unavailable_error, ..."""
+    param: str | None
+    """The request field at fault, when there is one."""
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, whatever its status (OpenAI's format)."""
+
+    error: ErrorDetail

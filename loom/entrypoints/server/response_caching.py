@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 
 from loom.entrypoints.response_cache import InMemoryResponseCache, cache_key
 from loom.entrypoints.server import protocol as p
-from loom.entrypoints.server.serving import new_id
+from loom.entrypoints.server.fields import new_id
 from loom.sampling_params import SamplingParams
 
 CACHE_HEADER = "x-loom-cache"

@@ -1,21 +1,17 @@
 """What the chat and completions handlers share: server state, admission (backpressure and draining),
-running engine requests with disconnect detection, SSE framing, and OpenAI field conversions."""
+and running engine requests with disconnect detection. SSE framing is in sse.py, OpenAI field
+conversions in fields.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from loom.config import EngineConfig
 from loom.engine.async_engine import AsyncEngine
@@ -27,21 +23,19 @@ from loom.entrypoints.server.errors import (
     ModelNotFound,
     ServiceUnavailable,
     TooManyRequests,
-    describe,
 )
 from loom.entrypoints.server.metrics import ServerMetrics
-from loom.entrypoints.server.protocol import SamplingRequest, Usage
+from loom.entrypoints.server.protocol import SamplingRequest
 from loom.errors import EngineDeadError, InvalidRequest
 from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.truncation import check_policy
 from loom.outputs import RequestOutput
-from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Logprobs are floats in JSON; -inf (a token masked by top-k/top-p) is not valid JSON, so clamp it.
-MIN_LOGPROB = -9999.0
+# After a drain timeout cut what was in flight, the longest wait for those answers to go out.
+CUT_GRACE_S = 5.0
 
 
 T = TypeVar("T")
@@ -88,7 +82,11 @@ class ServerState:
         self._frontend_pool = ThreadPoolExecutor(FRONTEND_WORKERS, thread_name_prefix="loom-frontend")
         self.created = int(time.time())
         self.draining = False
+        self._drain_timeout = 0.0
         self._drain_deadline = float("inf")
+        self.drain_cut: ServiceUnavailable | None = None
+        """Set when the drain timed out: the error every request still in flight was answered with."""
+        self._runs: set[asyncio.Queue] = set()  # the queue of every run() in progress, for the cut
         # Counted here at admission rather than read from engine.num_pending, which only grows once a
         # stream is first awaited: a burst would otherwise all pass the check before any is counted.
         self.num_admitted = 0
@@ -142,13 +140,21 @@ class ServerState:
             raise ServiceUnavailable("the model is still loading", retry_after=retry)
         return core
 
-    def admit(self, prompt_lengths: list[int]) -> Lease:
-        """Reserve room for these prompts or answer 429 (checked after validation: bad input is a 400)."""
+    def admit(self, prompt_lengths: list[int], n: int = 1) -> Lease:
+        """Reserve room for these prompts' sequences (n each) or answer 429 (checked after validation:
+        bad input is a 400, and so is a request that could never be admitted, even on an idle server)."""
         cfg = self.config
-        count, tokens = len(prompt_lengths), sum(prompt_lengths)
+        count, tokens = n * len(prompt_lengths), sum(prompt_lengths)
+        if count > cfg.max_waiting:
+            raise InvalidRequest(
+                f"the request makes {count} sequences ({len(prompt_lengths)} prompts x n={n}); this server "
+                f"runs at most {cfg.max_waiting} at once (--max-waiting), so it can never be admitted: "
+                "split it into smaller requests",
+                param="n" if len(prompt_lengths) == 1 else "prompt",
+            )
         if self.num_admitted + count > cfg.max_waiting:
             raise TooManyRequests(
-                f"the server has {self.num_admitted} requests in flight (limit {cfg.max_waiting}); retry later",
+                f"the server has {self.num_admitted} sequences in flight (limit {cfg.max_waiting}); retry later",
                 retry_after=cfg.retry_after,
             )
         # A request alone over the token limit is still let in when nothing else is in flight, or it
@@ -166,16 +172,34 @@ class ServerState:
     def begin_drain(self, timeout: float) -> None:
         """Stop admitting (503) and give what runs `timeout` seconds to finish."""
         if not self.draining:
-            logger.info("draining: %d requests in flight, up to %.1f s", self.num_admitted, timeout)
+            logger.info("draining: %d sequences in flight, up to %.1f s", self.num_admitted, timeout)
             self.draining = True
+            self._drain_timeout = timeout
             self._drain_deadline = time.monotonic() + timeout
 
     def drain_done(self) -> bool:
-        idle = self.num_admitted == 0 and self.engine.num_pending == 0
-        if not idle and time.monotonic() >= self._drain_deadline:
-            logger.warning("drain timeout: %d requests still in flight", self.num_admitted)
+        """Whether the server may exit: nothing is in flight, or the drain timed out and what it cut has
+        had its answer (a stream its error event and [DONE], a plain request its 503)."""
+        if self.num_admitted == 0 and self.engine.num_pending == 0:
             return True
-        return idle
+        now = time.monotonic()
+        if now < self._drain_deadline:
+            return False
+        if self.drain_cut is None:
+            self._cut_in_flight()
+        return now >= self._drain_deadline + CUT_GRACE_S
+
+    def _cut_in_flight(self) -> None:
+        logger.warning(
+            "drain timeout: cutting %d sequences still in flight (%d requests)",
+            self.num_admitted,
+            len(self._runs),
+        )
+        self.drain_cut = ServiceUnavailable(
+            f"the server shut down before this request finished (drain timeout of {self._drain_timeout:g} s)"
+        )
+        for queue in self._runs:
+            queue.put_nowait((-1, self.drain_cut))
 
     async def drain(self, timeout: float) -> None:
         self.begin_drain(timeout)
@@ -199,9 +223,12 @@ class ServerState:
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yields (job index, delta output) of all jobs as they come, until every job finishes.
 
-        If the client disconnects, raises ClientDisconnected; when the iterator is left for any reason,
+        If the client disconnects, raises ClientDisconnected; if a drain timed out, ServiceUnavailable
+        (in-band for a stream, a 503 otherwise); when the iterator is left for any reason,
         the unfinished jobs are aborted (their KV blocks freed) before it returns.
         """
+        if self.drain_cut is not None:
+            raise self.drain_cut
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -225,6 +252,7 @@ class ServerState:
         tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
         tasks.append(asyncio.create_task(watch()))
         remaining = len(jobs)
+        self._runs.add(queue)
         try:
             while remaining:
                 i, item = await queue.get()
@@ -235,6 +263,7 @@ class ServerState:
                 else:
                     yield i, item
         finally:
+            self._runs.discard(queue)
             for task in tasks:
                 task.cancel()
             # Wait for the cancelled streams to post their aborts, so KV is freed before we return.
@@ -255,136 +284,3 @@ async def wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-# ---- SSE ---------------------------------------------------------------------------------------------
-
-
-def sse(payload: BaseModel | dict) -> str:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
-async def sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """Frame chunks as server-sent events, ending with [DONE]; an error after the headers went out
-    becomes one `data: {"error": ...}` event (the status line can no longer change)."""
-    try:
-        async for chunk in chunks:
-            yield sse(chunk)
-    except ClientDisconnected:
-        return
-    except Exception as e:  # noqa: BLE001 - reported to the client in-band
-        yield sse(describe(e)[1])
-    yield "data: [DONE]\n\n"
-
-
-class SSEResponse(StreamingResponse):
-    """A streaming response that closes its event source and releases its lease (if it holds one: an
-    answer replayed from the response cache does not) however it ends (finished, client gone, server
-    shutting down), even if the stream never started."""
-
-    def __init__(
-        self, events: AsyncIterator[str], lease: Lease | None, headers: dict[str, str] | None = None
-    ):
-        super().__init__(
-            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})}
-        )
-        self._events = events
-        self._lease = lease
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()
-            if self._lease is not None:
-                self._lease.release()
-
-
-# ---- OpenAI fields -----------------------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def sampling_params(
-    body: SamplingRequest,
-    max_n: int,
-    max_tokens: int | None,
-    logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
-    renamed: dict[str, str] | None = None,
-) -> SamplingParams:
-    """SamplingParams from the fields chat and completions share (OpenAI defaults for missing ones).
-
-    `renamed` maps SamplingParams names to the request's own, so a range error names the field the
-    client sent (chat's top_logprobs is SamplingParams.logprobs).
-    """
-    n = 1 if body.n is None else body.n
-    if n > max_n:
-        raise InvalidRequest(f"n may be at most {max_n}, got {n}", param="n")
-    if body.logit_bias:
-        raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
-
-    def given(value, default):
-        return default if value is None else value
-
-    try:
-        return SamplingParams(
-            n=n,
-            max_tokens=max_tokens,
-            min_tokens=given(body.min_tokens, 0),
-            temperature=given(body.temperature, 1.0),
-            top_p=given(body.top_p, 1.0),
-            top_k=given(body.top_k, -1),
-            min_p=given(body.min_p, 0.0),
-            presence_penalty=given(body.presence_penalty, 0.0),
-            frequency_penalty=given(body.frequency_penalty, 0.0),
-            repetition_penalty=given(body.repetition_penalty, 1.0),
-            stop=body.stop,
-            stop_token_ids=body.stop_token_ids,
-            ignore_eos=body.ignore_eos,
-            seed=body.seed,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output,
-            priority=given(body.priority, 0),
-            extra={"program_id": body.program_id} if body.program_id else {},
-        )
-    except InvalidRequest as e:
-        e.param = (renamed or {}).get(e.param, e.param)
-        raise
-
-
-def finite_logprob(value: float) -> float:
-    return value if value > MIN_LOGPROB else MIN_LOGPROB  # also maps NaN to the floor
-
-
-def top_items(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-    """The k most likely (token, logprob) of one position (the dict holds the chosen token and the top)."""
-    return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:k]
-
-
-def usage(
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int,
-    truncated_tokens: int = 0,
-    dropped_messages: int | None = None,
-) -> Usage:
-    """`dropped_messages` is chat's (None for completions); both extensions appear only when cut."""
-    cut = truncated_tokens > 0
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details={"cached_tokens": cached_tokens},
-        truncated_prompt_tokens=truncated_tokens if cut else None,
-        dropped_messages=dropped_messages if cut else None,
-    )
-
-
-def stream_usage(body: SamplingRequest) -> bool:
-    return body.stream_options is not None and body.stream_options.include_usage

@@ -22,9 +22,9 @@ MODEL = "loom-test"
 @pytest.fixture(scope="module")
 def fault_servers(launch_server):
     return {
-        "poison": launch_server("poison", "--no-response-cache", script=FAULTY),
-        "kill": launch_server("kill", script=FAULTY),
-        "hang": launch_server("hang", "--step-timeout-s", "3", script=FAULTY),
+        "poison": launch_server("poison", "--no-response-cache", entry=(str(FAULTY),)),
+        "kill": launch_server("kill", entry=(str(FAULTY),)),
+        "hang": launch_server("hang", "--step-timeout-s", "3", entry=(str(FAULTY),)),
     }
 
 

@@ -15,6 +15,7 @@ from loom.entrypoints.cli import build_parser
 from loom.entrypoints.server import ServerConfig
 from loom.entrypoints.server import protocol as p
 from loom.entrypoints.server.cli import server_config_from_args
+from loom.entrypoints.server.fields import sampling_params
 from loom.entrypoints.server.response_caching import (
     bypassed,
     lookup,
@@ -22,7 +23,7 @@ from loom.entrypoints.server.response_caching import (
     replay_chat,
     replay_completion,
 )
-from loom.entrypoints.server.serving import ServerState, sampling_params
+from loom.entrypoints.server.serving import ServerState
 from loom.errors import InvalidRequest
 
 NO_HEADERS = Headers({})

@@ -51,7 +51,8 @@ def test_serve_flags_build_both_configs():
 
 def test_failed_model_load_keeps_health_up_and_ready_503(tmp_path):
     app = create_app(EngineConfig(model=str(tmp_path / "missing")), ServerConfig())
-    with TestClient(app) as client:
+    # TestClient's default Host, "testserver", is not one a keyless server answers.
+    with TestClient(app, base_url="http://localhost") as client:
         app.state.loom.engine.ready.wait(30)
         assert client.get("/health").status_code == 200
         ready = client.get("/ready")
@@ -62,8 +63,8 @@ def test_failed_model_load_keeps_health_up_and_ready_503(tmp_path):
 
 
 def test_request_fields_become_sampling_params():
+    from loom.entrypoints.server.fields import sampling_params
     from loom.entrypoints.server.protocol import CompletionRequest
-    from loom.entrypoints.server.serving import sampling_params
 
     body = CompletionRequest(
         prompt="x", temperature=None, top_k=5, stop="END", seed=3, program_id="run-1", priority=2

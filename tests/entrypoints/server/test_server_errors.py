@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 
 import httpx
 import pytest
@@ -18,6 +19,12 @@ def _chat(**fields) -> dict:
 
 def _completion(**fields) -> dict:
     return {"model": "loom-test", "prompt": "hi", "max_tokens": 4, **fields}
+
+
+def post_json(http: httpx.Client, path: str, body: dict) -> httpx.Response:
+    """POST body as JSON written by Python's json, which escapes a lone surrogate as "\\ud800" (httpx's
+    own encoder refuses to)."""
+    return http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
 
 
 def assert_error(
@@ -63,13 +70,25 @@ BAD_CHAT = [
     ({"temperature": "hot"}, "temperature"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"seed": 2**64}, "seed"),  # past torch's manual_seed: it used to overflow inside the engine (500)
+    ({"seed": -(2**63) - 1}, "seed"),
+    # Lone UTF-16 surrogates, wherever a string reaches the template or the tokenizer (they were 500s).
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages"),
+    ({"messages": [{"role": "\ud800", "content": "hi"}]}, "messages"),
+    ({"tools": [{"type": "function", "function": {"name": "f\udc00"}}]}, "tools"),
+    ({"stop": ["ok", "\ud83d"]}, "stop"),
+    # Types as the schema says: no strings for numbers, no numbers for booleans.
+    ({"max_tokens": "4"}, "max_tokens"),
+    ({"stream": 1}, "stream"),
+    ({"stop_token_ids": [True]}, "stop_token_ids"),
 ]
 
 
 @pytest.mark.parametrize(("fields", "param"), BAD_CHAT, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD_CHAT)])
 def test_bad_chat_requests_get_400(server, fields, param):
     with server.http() as http:
-        error = assert_error(http.post("/v1/chat/completions", json=_chat(**fields)), 400, param)
+        error = assert_error(post_json(http, "/v1/chat/completions", _chat(**fields)), 400, param)
     assert error["type"] == "invalid_request_error"
     if "image_url" in json.dumps(fields):
         assert "text only" in error["message"]
@@ -88,6 +107,12 @@ BAD_COMPLETIONS = [
     ({"min_tokens": 9}, "min_tokens"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"suffix": "tail"}, "suffix"),
+    ({"seed": 2**64}, "seed"),
+    ({"prompt": "x\ud800"}, "prompt"),
+    ({"prompt": ["ok", "\udbff"]}, "prompt"),
+    ({"prompt": [[False]]}, "prompt"),  # booleans are not token ids (it used to run as token 0)
+    ({"prompt": [True, 5]}, "prompt"),
+    ({"prompt": [1.0]}, "prompt"),
 ]
 
 
@@ -96,7 +121,7 @@ BAD_COMPLETIONS = [
 )
 def test_bad_completion_requests_get_400(server, fields, param):
     with server.http() as http:
-        assert_error(http.post("/v1/completions", json=_completion(**fields)), 400, param)
+        assert_error(post_json(http, "/v1/completions", _completion(**fields)), 400, param)
 
 
 def test_context_length_and_nan_and_malformed_json(server):
@@ -191,7 +216,10 @@ def test_backpressure_gets_429_with_retry_after(limited_server, wait_for):
                 second = _Held(third, "hold two")
                 try:
                     resp = other.post("/v1/completions", json={"prompt": "short", "max_tokens": 1})
-                    assert "requests in flight" in assert_error(resp, 429)["message"]
+                    assert "sequences in flight" in assert_error(resp, 429)["message"]
+                    # n counts: two sequences do not fit beside the two held, but they could later.
+                    resp = other.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "n": 2})
+                    assert_error(resp, 429)
                 finally:
                     second.close()
         finally:
@@ -202,6 +230,24 @@ def test_backpressure_gets_429_with_retry_after(limited_server, wait_for):
             timeout=20,
         )
     assert wait_for(lambda: limited_server.metric("loom_requests_running") == 0, timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"prompt": ["a", "b", "c"]}, "prompt"), ({"n": 3}, "n"), ({"prompt": ["a", "b"], "n": 2}, "prompt")],
+)
+def test_request_larger_than_the_queue_is_400_not_429(limited_server, fields, param):
+    """--max-waiting 2 counts sequences (n x prompts); a request over it alone could never be admitted,
+    so retrying (429) would never help."""
+    with limited_server.http() as http:
+        resp = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, **fields})
+        error = assert_error(resp, 400, param)
+        assert "can never be admitted" in error["message"] and "Retry-After" not in resp.headers
+        for fitting in ({"prompt": ["a", "b"]}, {"n": 2}):  # exactly the limit runs on an idle server
+            resp = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, **fitting})
+            assert resp.status_code == 200 and len(resp.json()["choices"]) == 2
+        resp = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1, "n": 3})
+        assert_error(resp, 400, "n")
 
 
 def test_sigterm_drains_running_requests_then_exits_0(drain_server, wait_for):
@@ -238,3 +284,36 @@ def test_sigterm_drains_running_requests_then_exits_0(drain_server, wait_for):
         if json.loads(e)["choices"][0]["finish_reason"]
     ] == ["length"]
     assert server.proc.wait(timeout=60) == 0
+
+
+def test_drain_timeout_answers_what_it_cuts_and_exits_nonzero(drain_cut_server, wait_for):
+    """--drain-timeout 2 with two requests that need far longer: the stream ends with an error event and
+    [DONE] (not a torn connection), the plain request gets a 503, and the exit status says work was lost."""
+    from loom.entrypoints.server.cli import DRAIN_CUT_EXIT
+
+    server = drain_cut_server
+    body = {"prompt": "cut me", "max_tokens": 4000, "ignore_eos": True}
+    plain: dict[str, httpx.Response] = {}
+
+    def post_plain() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            plain["resp"] = c.post("/v1/completions", json=body)
+
+    thread = threading.Thread(target=post_plain)
+    thread.start()
+    with (
+        httpx.Client(base_url=server.url, timeout=120) as http,
+        http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp,
+    ):
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert wait_for(lambda: server.metric("loom_requests_running") == 2, timeout=30)
+        server.proc.send_signal(signal.SIGTERM)
+        events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+    thread.join(timeout=60)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "service_unavailable" and "drain timeout" in error["message"]
+    assert all("choices" in json.loads(e) for e in events[:-2])  # tokens, then the error, then [DONE]
+    assert_error(plain["resp"], 503, code="service_unavailable")
+    assert server.proc.wait(timeout=60) == DRAIN_CUT_EXIT
