@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from loom.errors import ModelLoadError
 from loom.layers.attention import AttentionMetadata, KVCache
 from loom.layers.linear import Linear
 from loom.layers.rotary import RotaryEmbedding
@@ -28,6 +29,7 @@ from loom.models.config import ModelConfig
 from loom.models.glm import Glm4DecoderLayer, GlmAttention
 from loom.models.glm4v_vision import Glm4vVisionModel
 from loom.models.llama import LlamaForCausalLM, LlamaModel
+from loom.multimodal.processor import placeholder_ranges
 
 
 class Glm4vTextAttention(GlmAttention):
@@ -70,7 +72,7 @@ class Glm4vModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vision is None or cfg.image_token_id is None or cfg.mrope_section is None:
-            raise ValueError("a GLM-4.1V config needs vision_config, image_token_id and an mrope_section")
+            raise ModelLoadError("a GLM-4.1V config needs vision_config, image_token_id and an mrope_section")
         self.visual = Glm4vVisionModel(cfg.vision)
         self.language_model = Glm4vTextModel(cfg, Glm4vTextDecoderLayer)
 
@@ -163,34 +165,23 @@ def mrope_positions(
     every axis; delta is <= 0 (= max position + 1 - len(token_ids)).
     """
     n = len(token_ids)
-    ids = torch.as_tensor(token_ids, dtype=torch.long)
-    is_image = ids == image_token_id
+    runs = placeholder_ranges(token_ids, image_token_id)
+    if len(runs) != len(image_grids):
+        raise ValueError(f"{len(image_grids)} image grids but {len(runs)} runs of image tokens in the prompt")
     out = torch.empty(3, n, dtype=torch.long)
-    # Boundaries of runs of image tokens: [start, end) pairs.
-    change = torch.nonzero(is_image[1:] != is_image[:-1]).squeeze(1) + 1
-    bounds = [0, *change.tolist(), n]
-    grids = list(image_grids)
-    next_pos, i_grid = 0, 0
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if start == end:
-            continue
-        if not is_image[start]:
-            out[:, start:end] = torch.arange(next_pos, next_pos + end - start)
-            next_pos += end - start
-            continue
-        if i_grid >= len(grids):
-            raise ValueError(f"more runs of image tokens than the {len(grids)} image grids given")
-        t, h, w = (int(v) for v in grids[i_grid])
-        i_grid += 1
+    next_pos = done = 0  # next free position; tokens laid out so far
+    for k, ((start, length), grid) in enumerate(zip(runs, image_grids, strict=True)):
+        out[:, done:start] = torch.arange(next_pos, next_pos + start - done)  # the text before the image
+        next_pos += start - done
+        t, h, w = (int(v) for v in grid)
         gt, gh, gw = t, h // merge_size, w // merge_size
-        if end - start != gt * gh * gw:
-            raise ValueError(
-                f"image {i_grid - 1} has {end - start} placeholder tokens, its grid needs {gt * gh * gw}"
-            )
+        if length != gt * gh * gw:
+            raise ValueError(f"image {k} has {length} placeholder tokens, its grid needs {gt * gh * gw}")
+        end = start + length
         out[0, start:end] = torch.arange(gt).repeat_interleave(gh * gw) + next_pos
         out[1, start:end] = torch.arange(gh).repeat_interleave(gw).repeat(gt) + next_pos
         out[2, start:end] = torch.arange(gw).repeat(gt * gh) + next_pos
         next_pos += max(gt, gh, gw)
-    if i_grid != len(grids):
-        raise ValueError(f"{len(grids)} image grids but {i_grid} runs of image tokens in the prompt")
-    return out, next_pos - n
+        done = end
+    out[:, done:] = torch.arange(next_pos, next_pos + n - done)
+    return out, next_pos - done

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.errors import ModelLoadError
 from loom.layers.activation import SiluAndMul
 from loom.layers.linear import Linear, MergedLinear
 from loom.layers.norm import RMSNorm
@@ -136,6 +137,10 @@ class VisionPatchMerger(nn.Module):
 class Glm4vVisionModel(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ModelLoadError(
+                f"vision hidden_act {cfg.hidden_act!r} is not supported (GLM-4.1V uses silu)"
+            )
         self.config = cfg
         self.merge = cfg.spatial_merge_size
         self.patch_embed = VisionPatchEmbed(cfg)

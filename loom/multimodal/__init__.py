@@ -7,6 +7,7 @@ from loom.multimodal.processor import (
     ImageProcessorConfig,
     ProcessedImage,
     expand_image_tokens,
+    placeholder_ranges,
     smart_resize,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "decode_image",
     "expand_image_tokens",
     "load_image",
+    "placeholder_ranges",
     "smart_resize",
 ]

@@ -198,6 +198,20 @@ def patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(gh * gw, c * tp * p * p)
 
 
+def placeholder_ranges(token_ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """(start, length) of each run of image placeholders in a prompt, in order: where each image's
+    embeddings go (and which KV blocks each image's content hash belongs to)."""
+    ranges: list[tuple[int, int]] = []
+    start = None
+    for i, token in enumerate([*token_ids, None]):
+        if token == image_token_id and start is None:
+            start = i
+        elif token != image_token_id and start is not None:
+            ranges.append((start, i - start))
+            start = None
+    return ranges
+
+
 def expand_image_tokens(token_ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> list[int]:
     """The prompt with its i-th `image_token_id` repeated counts[i] times (the chat template writes one
     placeholder per image; the model needs one per image token)."""

@@ -16,10 +16,17 @@ from paged_harness import PagedGreedy, Sequence
 from PIL import Image
 from transformers import AutoTokenizer, Glm4vForConditionalGeneration, Glm4vImageProcessorPil
 
+from loom import LLM, SamplingParams
 from loom.layers.attention import AttentionMetadata, PrefillSeq
 from loom.models.glm4v import mrope_positions
 from loom.models.loader import load_model
-from loom.multimodal import ImageProcessor, ImageProcessorConfig, LoadedImage, expand_image_tokens
+from loom.multimodal import (
+    ImageProcessor,
+    ImageProcessorConfig,
+    LoadedImage,
+    expand_image_tokens,
+    placeholder_ranges,
+)
 from loom.tokenizer import Tokenizer
 
 NEAR_TIE = 1e-3
@@ -190,24 +197,10 @@ def test_greedy_matches_hf_batched(setup, chunk):
         runs = [
             (i, i + n)
             for case in cases.values()
-            for i, n in _runs(case.ids, image_id)
+            for i, n in placeholder_ranges(case.ids, image_id)
             if i // chunk != (i + n - 1) // chunk
         ]
         assert runs
-
-
-def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
-    out, i = [], 0
-    while i < len(ids):
-        if ids[i] == token:
-            j = i
-            while j < len(ids) and ids[j] == token:
-                j += 1
-            out.append((i, j - i))
-            i = j
-        else:
-            i += 1
-    return out
 
 
 def test_text_positions_for_image_tokens_would_diverge(setup):
@@ -229,3 +222,33 @@ def test_text_positions_for_image_tokens_would_diverge(setup):
         hidden = ours(torch.tensor(seq.prompt), seq.positions, harness.caches, meta, seq.embeds)
         logits = ours.compute_logits(hidden[-1:])[0]
     assert (logits - refs["two_images"][1][0]).abs().max() > 100 * LOGIT_ATOL
+
+
+def test_text_only_requests_through_the_engine_match_hf(setup):
+    """Text-only prompts already run through the unchanged engine (1-D positions are M-RoPE positions of
+    text); chunked prefill and batching included."""
+    model_dir, _, _, cases, refs = setup
+    llm = LLM(str(model_dir), dtype="float32", num_blocks=64, max_num_batched_tokens=16)
+    prompt = cases["text"].ids
+    outs = llm.generate(
+        [prompt, prompt[:7]], SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    )
+    assert outs[0].outputs[0].token_ids == refs["text"][0]
+    assert len(outs[1].outputs[0].token_ids) == MAX_NEW
+    assert llm.engine.stats.num_steps > MAX_NEW  # the 31-token prompt took several 16-token steps
+
+
+def test_mrope_positions_by_hand():
+    i = 99  # the image token
+    ids = [5, 6, i, i, i, i, i, i, 7, 8]  # one image of 4 x 6 patches: 2 x 3 tokens
+    positions, delta = mrope_positions(ids, [(1, 4, 6)], i, 2)
+    assert positions.tolist() == [
+        [0, 1, 2, 2, 2, 2, 2, 2, 5, 6],  # temporal: the image is one frame
+        [0, 1, 2, 2, 2, 3, 3, 3, 5, 6],  # height: two rows
+        [0, 1, 2, 3, 4, 2, 3, 4, 5, 6],  # width: three columns; then text resumes at 2 + max(1, 2, 3)
+    ]
+    assert delta == 7 - len(ids)
+    with pytest.raises(ValueError, match="needs 6"):
+        mrope_positions(ids[:-3] + [7], [(1, 4, 6)], i, 2)
+    with pytest.raises(ValueError, match="2 image grids but 1 runs"):
+        mrope_positions(ids, [(1, 4, 6), (1, 2, 2)], i, 2)

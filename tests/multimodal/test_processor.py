@@ -13,7 +13,13 @@ from transformers import AutoImageProcessor, Glm4vImageProcessorPil
 from transformers.models.glm4v.image_processing_pil_glm4v import smart_resize as hf_smart_resize
 
 from loom.errors import InvalidRequest
-from loom.multimodal import ImageProcessor, ImageProcessorConfig, LoadedImage, expand_image_tokens
+from loom.multimodal import (
+    ImageProcessor,
+    ImageProcessorConfig,
+    LoadedImage,
+    expand_image_tokens,
+    placeholder_ranges,
+)
 from loom.multimodal.processor import smart_resize
 
 GLM41V_CONFIG = {
@@ -94,8 +100,11 @@ def test_refusals(config_dir):
         ImageProcessorConfig.from_dir(config_dir, {"max_pixels": 1000})
 
 
-def test_expand_image_tokens():
-    assert expand_image_tokens([1, 9, 2, 9, 3], 9, [2, 3]) == [1, 9, 9, 2, 9, 9, 9, 3]
+def test_expand_image_tokens_and_find_them_again():
+    expanded = expand_image_tokens([1, 9, 2, 9, 3], 9, [2, 3])
+    assert expanded == [1, 9, 9, 2, 9, 9, 9, 3]
+    assert placeholder_ranges(expanded, 9) == [(1, 2), (4, 3)]
+    assert placeholder_ranges([9, 9], 9) == [(0, 2)] and placeholder_ranges([1, 2], 9) == []
     with pytest.raises(InvalidRequest, match="2 images given but the prompt has 1"):
         expand_image_tokens([9, 1], 9, [4, 4])
     with pytest.raises(InvalidRequest, match="more image placeholders"):
