@@ -141,8 +141,17 @@ def smart_resize(
 class ImageProcessor:
     def __init__(self, config: ImageProcessorConfig):
         self.config = config
-        self._mean = np.array(config.image_mean, dtype=np.float32)
-        self._std = np.array(config.image_std, dtype=np.float32)
+        # Rescale and normalize map each (channel, uint8 value) to one float32, so they are a 3 x 256 table:
+        # computed with transformers' exact operations (float64 rescale, float32 cast, float32 normalize),
+        # then applied as a gather: half the time of the arithmetic on a full-size screenshot.
+        values = np.arange(256, dtype=np.uint8)[:, None].repeat(len(config.image_mean), axis=1)  # [256, C]
+        if config.do_rescale:
+            values = (values.astype(np.float64) * config.rescale_factor).astype(np.float32)
+        if config.do_normalize:
+            mean = np.array(config.image_mean, dtype=np.float32)
+            std = np.array(config.image_std, dtype=np.float32)
+            values = (values.astype(np.float32) - mean) / std
+        self._table = np.ascontiguousarray(values.astype(np.float32).T)  # [C, 256]
 
     def grid(self, width: int, height: int, param: str = "image") -> tuple[int, int, int]:
         """The patch grid (t, h, w) of an image of this size, without decoding it."""
@@ -172,11 +181,7 @@ class ImageProcessor:
         if cfg.do_resize:
             pil = pil.resize((gw * cfg.patch_size, gh * cfg.patch_size), resample=cfg.resample)
         pixels = np.asarray(pil)  # [H, W, C] uint8
-        if cfg.do_rescale:
-            pixels = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-        if cfg.do_normalize:
-            pixels = (pixels.astype(np.float32) - self._mean) / self._std
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32).transpose(2, 0, 1)  # [C, H, W]
+        pixels = np.stack([self._table[c][pixels[..., c]] for c in range(pixels.shape[-1])])  # [C, H, W]
         return ProcessedImage(
             torch.from_numpy(patchify(pixels, cfg)),
             (t, gh, gw),
