@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "make-tiny", help="write a random-weight tiny checkpoint with a locally trained tokenizer"
     )
-    p.add_argument("--arch", choices=["llama", "qwen2", "glm", "glm4"], default="llama")
+    p.add_argument("--arch", choices=["llama", "qwen2", "glm", "glm4", "glm4v"], default="llama")
     p.add_argument("--size", choices=["tiny", "small"], default="tiny")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

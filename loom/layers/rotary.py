@@ -1,5 +1,6 @@
 """Rotary position embedding: full or partial, rotate-half (Llama, Qwen2) or interleaved (GLM) pairs,
-with the default, linear and llama3 frequency schedules."""
+with the default, linear and llama3 frequency schedules, and multimodal rotary (M-RoPE, GLM-4.1V): three
+position ids per token (temporal, height, width), each turning its own band of frequencies."""
 
 from __future__ import annotations
 
@@ -44,11 +45,19 @@ class RotaryEmbedding(nn.Module):
         base: float,
         interleaved: bool = False,
         scaling: dict | None = None,
+        mrope_section: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.interleaved = interleaved
+        self.mrope_section = list(mrope_section) if mrope_section else None
+        if self.mrope_section and (
+            len(self.mrope_section) != 3 or sum(self.mrope_section) != rotary_dim // 2
+        ):
+            raise ModelLoadError(
+                f"mrope_section {mrope_section} must be 3 bands summing to rotary_dim / 2 = {rotary_dim // 2}"
+            )
         inv_freq = _inv_freq(rotary_dim, base, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)  # [max_pos, rot/2]
         # float32 cache, cast per call to the activations' dtype (as HF does).
@@ -58,9 +67,15 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]."""
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, rot/2]
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; positions is
+        [num_tokens], or [3, num_tokens] (temporal, height, width) in M-RoPE mode."""
+        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+        if positions.dim() == 2:
+            # M-RoPE: frequency band i (of mrope_section) turns with position axis i. [3, n, rot/2] -> [n, rot/2]
+            cos = torch.cat([c[i] for i, c in enumerate(cos.split(self.mrope_section, dim=-1))], dim=-1)
+            sin = torch.cat([s[i] for i, s in enumerate(sin.split(self.mrope_section, dim=-1))], dim=-1)
+        cos = cos.to(q.dtype).unsqueeze(1)  # [num_tokens, 1, rot/2]
+        sin = sin.to(q.dtype).unsqueeze(1)
         return self._apply(q, cos, sin), self._apply(k, cos, sin)
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn
 def load_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules", {})
+    prefixes = getattr(model, "checkpoint_prefixes", ())
     tied = model.config.tie_word_embeddings
     # Each parameter's loaded shards; a packed parameter is complete when all its shards arrived.
     loaded: dict[str, set] = {}
@@ -73,7 +74,7 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
-                target, shard_id = _map_name(name, packed)
+                target, shard_id = _map_name(_rename(name, prefixes), packed)
                 param = params.get(target)
                 if param is None:
                     raise ModelLoadError(
@@ -94,6 +95,14 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
                     raise ModelLoadError(f"{file.name}: tensor {name!r}: {e}") from e
                 loaded.setdefault(target, set()).add(shard_id)
     _check_complete(model, params, loaded, tied, path)
+
+
+def _rename(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    """Apply a model's `checkpoint_prefixes` ((old, new) pairs, first match wins) to a tensor name."""
+    for old, new in prefixes:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
 
 
 def _map_name(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:

@@ -6,6 +6,7 @@ from torch import nn
 
 from loom.errors import ModelLoadError
 from loom.models.glm import Glm4ForCausalLM, GlmForCausalLM
+from loom.models.glm4v import Glm4vForConditionalGeneration
 from loom.models.llama import LlamaForCausalLM
 from loom.models.qwen2 import Qwen2ForCausalLM
 
@@ -14,6 +15,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "GlmForCausalLM": GlmForCausalLM,
     "Glm4ForCausalLM": Glm4ForCausalLM,
+    "Glm4vForConditionalGeneration": Glm4vForConditionalGeneration,
 }
 
 

@@ -27,6 +27,7 @@ ARCHS = {
     "qwen2": "Qwen2ForCausalLM",
     "glm": "GlmForCausalLM",
     "glm4": "Glm4ForCausalLM",
+    "glm4v": "Glm4vForConditionalGeneration",
 }
 SIZES = ("tiny", "small")
 
@@ -297,6 +298,14 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 def _build(out_dir: Path, arch: str, size: str, seed: int, max_shard_size: str | None) -> None:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    if arch == "glm4v":
+        from loom.models import glm4v_tiny
+
+        # Same RNG discipline as below: the caller's state is left alone, one builder at a time.
+        with _RNG_LOCK:
+            glm4v_tiny.build(out_dir, seed, INITIALIZER_RANGE, max_shard_size)
+        (out_dir / _VERSION_FILE).write_text(TINY_FORMAT_VERSION + "\n")
+        return
     tokenizer = build_tokenizer()
     # The template goes inside tokenizer_config.json (not chat_template.jinja) and the class gets its
     # 4.x name, so transformers 4.x loads the same directory.
@@ -340,8 +349,8 @@ def _make(
 ) -> Path:
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if size not in SIZES or (arch == "glm4v" and size != "tiny"):
+        raise ValueError(f"size must be one of {SIZES} (glm4v: tiny only), got {size!r}")
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -367,8 +376,8 @@ def make_tiny(
 ) -> Path:
     """Write a complete random-weight HF model directory (weights, configs, tokenizer) to out_dir.
 
-    arch is one of llama, qwen2, glm, glm4; size is "tiny" (~1M params, for tests) or "small" (~89M,
-    for benchmarks). The same seed gives the same bytes. An existing tiny model at out_dir is replaced
+    arch is one of llama, qwen2, glm, glm4, glm4v (vision-language); size is "tiny" (~1M params, for tests)
+    or "small" (~89M, for benchmarks; not for glm4v). The same seed gives the same bytes. An existing tiny model at out_dir is replaced
     atomically; any other non-empty out_dir raises FileExistsError.
     Returns the absolute directory path.
     """
