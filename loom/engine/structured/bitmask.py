@@ -27,12 +27,12 @@ def allocate_bitmask(rows: int, vocab_size: int, pin_memory: bool = False) -> to
 
 
 def _blocked_lut(device: torch.device) -> torch.Tensor:
-    """[256, 8] bool: bit j of byte value b is clear (the token it stands for is blocked)."""
+    """[256, 8] uint8 (0/1, viewed as bool later): bit j of byte value b is clear (that token is blocked)."""
     lut = _LUTS.get(device)
     if lut is None:
         values = torch.arange(256, dtype=torch.int32, device=device)
         shifts = torch.arange(8, dtype=torch.int32, device=device)
-        lut = _LUTS[device] = ((values.unsqueeze(1) >> shifts) & 1) == 0
+        lut = _LUTS[device] = (((values.unsqueeze(1) >> shifts) & 1) == 0).to(torch.uint8)
     return lut
 
 
@@ -50,9 +50,13 @@ def apply_bitmask(
     rows: the logits rows that have a grammar (None: all of them); bitmask row r goes with logits row r,
     so bitmask has at least num_rows rows. The mask may live on CPU; it is copied to the logits' device.
     """
+    if isinstance(rows, torch.Tensor):
+        rows = rows.tolist()
     if rows is not None and len(rows) == 0:
         return
     num_rows, vocab = logits.shape
+    if rows is not None and len(rows) == num_rows and list(map(int, rows)) == list(range(num_rows)):
+        rows = None  # every row: one in-place fill of the whole tensor
     words = bitmask.shape[1]
     index = _rows_index(rows, bitmask.device)
     masks = bitmask[:num_rows] if index is None else bitmask.index_select(0, index)
@@ -61,17 +65,25 @@ def apply_bitmask(
     if sys.byteorder == "little":
         # Bytes of a little-endian int32 word hold its bits 0-7, 8-15, ...: a 256-entry table turns each
         # byte into 8 flags, one gather for the whole batch instead of 32 shifts per word.
-        blocked = _blocked_lut(logits.device)[masks.view(torch.uint8).long()].view(n, words * 32)
+        # index_select with an int32 index is the fastest gather on CPU (advanced indexing is ~8x slower).
+        index_bytes = masks.view(torch.uint8).reshape(-1).int()  # [n * words * 4]
+        blocked = (
+            _blocked_lut(logits.device).index_select(0, index_bytes).view(torch.bool).view(n, words * 32)
+        )
     else:
         shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
         blocked = (((masks.unsqueeze(-1) >> shifts) & 1) == 0).view(n, words * 32)
     covered = min(vocab, words * 32)
-    target = logits if index is None else logits[index.to(logits.device)]  # [n, vocab]
-    target[:, :covered].masked_fill_(blocked[:, :covered], float("-inf"))
-    if vocab > covered:
-        target[:, covered:] = float("-inf")
-    if index is not None:
-        logits[index.to(logits.device)] = target
+    if index is None:
+        logits[:, :covered].masked_fill_(blocked[:, :covered], float("-inf"))
+        if vocab > covered:
+            logits[:, covered:] = float("-inf")
+        return
+    # A subset: fill each row in place (a view), rather than gathering the rows and scattering them back.
+    for i, row in enumerate(rows):
+        logits[row, :covered].masked_fill_(blocked[i, :covered], float("-inf"))
+        if vocab > covered:
+            logits[row, covered:] = float("-inf")
 
 
 def apply_bitmask_ref(
