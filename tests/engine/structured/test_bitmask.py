@@ -65,11 +65,11 @@ def test_all_allowed_mask_changes_nothing():
     assert torch.equal(out, logits)
 
 
-def test_bfloat16_logits():
+def test_bfloat16_logits_and_tensor_rows():
     gen = torch.Generator().manual_seed(0)
     bitmask = _random_mask(4, 2048, gen, 0.3)
     logits = torch.randn(4, 2048, generator=gen).bfloat16()
     fast, ref = logits.clone(), logits.clone()
-    apply_bitmask(fast, bitmask, [1, 2])
+    apply_bitmask(fast, bitmask, torch.tensor([1, 2]))  # rows may come as a tensor too
     apply_bitmask_ref(ref, bitmask, [1, 2])
     assert torch.equal(fast, ref)
