@@ -60,6 +60,18 @@ class EngineConfig:
     """torch intra-op threads on CPU; None leaves torch's default."""
     max_logprobs: int = 20
     """Most top log-probabilities a request may ask for."""
+    limit_mm_per_prompt: str | dict | None = None
+    """Most images one prompt may carry, as JSON: {"image": 16} by default (vLLM's flag)."""
+    mm_processor_kwargs: str | dict | None = None
+    """Overrides of the checkpoint's image preprocessing, as JSON, e.g. {"max_pixels": 5000000} (vLLM's flag)."""
+    chat_template_content_format: str = "auto"
+    """How message content reaches the chat template: openai (a list of parts; images as {"type": "image"}), string (parts flattened to text, one image placeholder per line first, as vLLM does), or auto (openai when the template walks content parts)."""
+    allowed_local_media_path: str | None = None
+    """Directory that file:// image URLs may read from (symlinks and `..` cannot leave it); unset refuses every file:// URL."""
+    allowed_media_domains: str | None = None
+    """Comma-separated host names that http(s) image URLs may be fetched from (never private, loopback or link-local addresses); unset refuses every http(s) URL."""
+    encoder_cache_bytes: int = 512 * 2**20
+    """Bytes of vision-encoder outputs kept for reuse (images of requests still being prefilled are always kept)."""
     speculative_config: str | dict | None = None
     """Speculative decoding without a draft model, as JSON: {"method": "ngram" (prompt lookup) or "suffix" (also the earlier requests of the agent program), "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b, "adaptive": true, "disable_by_batch_size": 0}; greedy output is unchanged, sampled output keeps its distribution."""
     step_timeout_s: float = 600.0
@@ -80,6 +92,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.encoder_cache_bytes < 0:
+            raise bad("encoder_cache_bytes", f"must be >= 0, got {self.encoder_cache_bytes}")
         for name in ("num_blocks", "kv_cache_memory_bytes", "max_model_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -87,10 +101,28 @@ class EngineConfig:
         from loom.engine.spec_decode.config import SpeculativeConfig
 
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
+        from loom.frontend.multimodal import CONTENT_FORMATS, image_limit, parse_json_option
+
+        self.image_limit = image_limit(self.limit_mm_per_prompt)
+        self.processor_overrides = parse_json_option(self.mm_processor_kwargs, "mm_processor_kwargs")
+        if self.chat_template_content_format not in CONTENT_FORMATS:
+            raise bad(
+                "chat_template_content_format",
+                f"must be one of {CONTENT_FORMATS}, got {self.chat_template_content_format!r}",
+            )
         if self.step_timeout_s < 0:
             raise bad("step_timeout_s", f"must be >= 0, got {self.step_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def media_config(self):
+        """Where images may come from (loom.multimodal.media.MediaConfig)."""
+        from loom.multimodal.media import MediaConfig
+
+        domains = tuple(d.strip() for d in (self.allowed_media_domains or "").split(",") if d.strip())
+        return MediaConfig(
+            allowed_local_media_path=self.allowed_local_media_path, allowed_media_domains=domains
+        )
 
 
 @cache

@@ -106,7 +106,7 @@ class EngineCore:
             if sched.finished_req_ids:
                 self.runner.forget(sched.finished_req_ids)
             return []
-        self.runner.states.update(sched)
+        self.runner.update_states(sched)
         try:
             result = self.runner.run(sched.num_scheduled_tokens, sched.spec_token_ids)
         except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on

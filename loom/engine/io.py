@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from loom.multimodal.inputs import ImageInput
 from loom.outputs import TokenLogprobs
 from loom.sampling_params import SamplingParams
 
@@ -29,6 +32,12 @@ class EngineRequest:
     parent_id: str | None = None
     """The caller's request id when this is one of its n sequences (program scheduling groups by it)."""
     arrival_time: float | None = None
+    images: tuple[ImageInput, ...] = ()
+    """The prompt's images, in order, each at its run of placeholder tokens."""
+    mrope_positions: torch.Tensor | None = None
+    """[3, num_prompt_tokens] M-RoPE positions of a prompt with images (None: plain positions)."""
+    mrope_delta: int = 0
+    """Generated token i (i >= the prompt's length) is at position i + mrope_delta on every axis."""
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ import time
 import torch
 
 from loom.engine.io import EngineRequest
+from loom.multimodal.inputs import ImageInput
 from loom.sampling_params import SamplingParams
 
 
@@ -63,6 +64,9 @@ class Request:
         "first_scheduled_time",
         "first_token_time",
         "num_blocks_sent",
+        "images",
+        "mrope_positions",
+        "mrope_delta",
     )
 
     def __init__(
@@ -75,6 +79,9 @@ class Request:
         arrival_time: float | None = None,
         generator: torch.Generator | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
+        images: tuple[ImageInput, ...] = (),
+        mrope_positions: torch.Tensor | None = None,
+        mrope_delta: int = 0,
     ):
         self.request_id = request_id
         self.parent_id = parent_id if parent_id is not None else request_id
@@ -96,6 +103,9 @@ class Request:
         self.first_token_time: float | None = None
         self.num_blocks_sent = -1
         """Block ids the runner holds for it; -1 while the runner does not hold the request at all."""
+        self.images = images
+        self.mrope_positions = mrope_positions
+        self.mrope_delta = mrope_delta
 
     @classmethod
     def from_engine_request(cls, er: EngineRequest, device: torch.device) -> Request:
@@ -112,6 +122,9 @@ class Request:
             arrival_time=er.arrival_time,
             generator=generator,
             eos_token_ids=er.eos_token_ids,
+            images=er.images,
+            mrope_positions=er.mrope_positions,
+            mrope_delta=er.mrope_delta,
         )
 
     @property
@@ -134,6 +147,11 @@ class Request:
     def program_id(self) -> str | None:
         """The agent program (workflow run) this call belongs to, if the caller said."""
         return self.params.extra.get("program_id")
+
+    @property
+    def mm_spans(self) -> list[tuple[int, int, str]]:
+        """(offset, length, key) of each image's placeholder run, for the prefix cache's block hashes."""
+        return [(im.offset, im.length, im.cache_key) for im in self.images]
 
     @property
     def skip_prefix_cache(self) -> bool:

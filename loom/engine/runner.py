@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from loom.config import EngineConfig
-from loom.engine.runner_state import RequestStates
+from loom.engine.multimodal import MultimodalBatch
+from loom.engine.runner_state import CachedRequestState, RequestStates
 from loom.engine.step import ModelRunnerOutput, SchedulerOutput
 from loom.errors import InvalidRequest
 from loom.layers.attention import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
@@ -20,6 +21,7 @@ from loom.layers.rejection_sampler import verify as verify_drafts
 from loom.layers.sampler import Sampler, SamplingMetadata
 from loom.models.config import ModelConfig
 from loom.models.loader import load_model
+from loom.multimodal.inputs import ImageInput
 from loom.outputs import TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,12 @@ class ModelRunner:
         ]
         self.sampler = Sampler(config.seed)
         self.states = RequestStates()
+        self.mm = (
+            MultimodalBatch(self.model, config.encoder_cache_bytes)
+            if getattr(self.model, "supports_images", False)
+            else None
+        )
+        """The image side (encoder cache, embeddings, M-RoPE positions) of a vision-language model."""
         self.decode_group_cost = DECODE_GROUP_COST_BLOCKS
         logger.info(
             "model %s (%s, %s on %s), KV cache %d blocks of %d tokens",
@@ -106,11 +114,21 @@ class ModelRunner:
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop the state of requests that finished (or were preempted) while no batch ran."""
-        self.states.update(SchedulerOutput(finished_req_ids=req_ids))
+        self.update_states(SchedulerOutput(finished_req_ids=req_ids))
+
+    def update_states(self, sched: SchedulerOutput) -> None:
+        """Take in what the scheduler says changed (requests to forget, new ones, new blocks)."""
+        if self.mm is not None:
+            for req_id in sched.finished_req_ids:
+                self.mm.forget(req_id)
+        self.states.update(sched)
+        if self.mm is not None:
+            for new in sched.new_reqs:
+                self.mm.admit(self.states[new.req_id])
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Take in what the scheduler says changed, then run its batch."""
-        self.states.update(sched)
+        self.update_states(sched)
         return self.run(sched.num_scheduled_tokens, sched.spec_token_ids)
 
     @torch.inference_mode()
@@ -138,6 +156,8 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSeq] = []
+        mrope: list[tuple[int, int, int, CachedRequestState]] = []  # (batch start, ctx, end, state)
+        image_spans: list[tuple[int, int, int, ImageInput]] = []
 
         for req_id, n in num_scheduled_tokens.items():
             state = states[req_id]
@@ -148,6 +168,9 @@ class ModelRunner:
             input_ids.extend(state.token_ids[ctx : end - len(draft)])
             input_ids.extend(draft)
             positions.extend(range(ctx, end))
+            if state.mrope_positions is not None:
+                mrope.append((start, ctx, end, state))
+            image_spans += [(start, ctx, end, im) for im in state.images if im.overlaps(ctx, end)]
             slots.extend(table[p // bs] * bs + p % bs for p in range(ctx, end))
             if n == 1:
                 decode_idx.append(start)
@@ -181,12 +204,15 @@ class ModelRunner:
                 for g in group_by_length([len(t) for t in decode_tables], self.decode_group_cost)
             ]
 
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            self.kv_caches,
-            meta,
-        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        if self.mm is not None and self.mm.uses_mrope:
+            pos = self.mm.positions(positions, mrope, dev)
+        else:
+            pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        if image_spans:
+            hidden = self.model(ids, pos, self.kv_caches, meta, self.mm.embeddings(ids, image_spans))
+        else:
+            hidden = self.model(ids, pos, self.kv_caches, meta)
         out = ModelRunnerOutput()
         if sample_rows or verify_rows or prompt_rows:
             # Three parts, each addressed by its own offsets: a row per sampling request, d + 1 rows per
@@ -205,6 +231,8 @@ class ModelRunner:
         sampled = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
         for req_id, n in num_scheduled_tokens.items():
             states.advance(req_id, n, sampled.get(req_id, []), len(spec_token_ids.get(req_id, ())))
+            if self.mm is not None:
+                self.mm.progress(states[req_id])
         return out
 
     def _sample(

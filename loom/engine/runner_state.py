@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.engine.step import SchedulerOutput
+from loom.multimodal.inputs import ImageInput
 from loom.sampling_params import SamplingParams
 
 
@@ -25,6 +26,9 @@ class CachedRequestState:
     params: SamplingParams
     generator: torch.Generator | None
     eos_token_ids: frozenset[int]
+    images: tuple[ImageInput, ...] = ()
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -69,6 +73,9 @@ class RequestStates:
                 params=new.params,
                 generator=new.generator,
                 eos_token_ids=new.eos_token_ids,
+                images=new.images,
+                mrope_positions=new.mrope_positions,
+                mrope_delta=new.mrope_delta,
             )
         for cached in sched.cached_reqs:
             state = self.states[cached.req_id]

@@ -260,6 +260,9 @@ class Scheduler:
                         params=req.params,
                         generator=req.generator,
                         eos_token_ids=req.eos_token_ids,
+                        images=req.images,
+                        mrope_positions=req.mrope_positions,
+                        mrope_delta=req.mrope_delta,
                     )
                 )
             else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loom.multimodal.inputs import ImageInput
 from loom.outputs import TokenLogprobs
 from loom.sampling_params import SamplingParams
 
@@ -32,6 +33,9 @@ class NewRequestData:
     params: SamplingParams
     generator: torch.Generator | None
     eos_token_ids: frozenset[int]
+    images: tuple[ImageInput, ...] = ()
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
 
 
 @dataclass(slots=True)

@@ -13,7 +13,8 @@ from loom.config import EngineConfig
 from loom.engine.core import EngineCore
 from loom.engine.request import RequestStatus
 from loom.errors import InvalidRequest, RequestFailed
-from loom.frontend.input_processor import InputProcessor
+from loom.frontend.chat import render_chat
+from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.output_processor import OutputProcessor
 from loom.outputs import CompletionOutput, RequestOutput
 from loom.sampling_params import SamplingParams
@@ -67,34 +68,22 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (a string or a list of token ids); one output per prompt, in order.
+        """Generate for every prompt; one output per prompt, in order.
 
-        Every prompt is validated before any runs, so a bad one raises without side effects.
+        A prompt is a string, a list of token ids, or (for a model that takes images) a dict
+        {"prompt": text or "prompt_token_ids": ids, "multi_modal_data": {"image": one or a list}} whose
+        text holds the model's image placeholder once per image (`llm.input.multimodal.placeholder`);
+        an image is a PIL image, bytes, or a data: URL. Every prompt is validated before any runs, so a
+        bad one raises without side effects.
         """
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
         prompts = list(prompts)
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        params = list(params)
-        if len(params) != len(prompts):
-            raise InvalidRequest(
-                f"got {len(prompts)} prompts but {len(params)} SamplingParams", param="params"
-            )
-        encoded = [self.input.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        requests = [
-            self.input.process(str(next(self._ids)), ids, p, prompt if isinstance(prompt, str) else None)
-            for prompt, ids, p in zip(prompts, encoded, params, strict=True)
-        ]
-        for request in requests:
-            self.output.add_request(request)
-            for seq in request.seqs:
-                self.engine.add_request(seq)
-        return self._run([r.request_id for r in requests], use_tqdm)
+        params = self._params(params, len(prompts))
+        requests = [self._prepare(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        return self._submit(requests, use_tqdm)
 
     def chat(
         self,
@@ -103,13 +92,57 @@ class LLM:
         tools: list[dict] | None = None,
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        """Apply the model's chat template to one conversation (or a list of them) and generate. Messages
+        are OpenAI's, `image_url` parts included (for a model that takes images)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            self.input.encode(self.tokenizer.apply_chat_template(c, tools=tools), add_special_tokens=False)
-            for c in conversations
-        ]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        params = self._params(params, len(conversations))
+        requests = []
+        for conversation, p in zip(conversations, params, strict=True):
+            budget = self.input.prompt_budget(p.max_tokens)
+            prompt = render_chat(self.input, conversation, tools, None, "none", budget, "error")
+            requests.append(
+                self.input.process(
+                    str(next(self._ids)), prompt.token_ids, p, images=prompt.images, mrope=prompt.mrope
+                )
+            )
+        return self._submit(requests, use_tqdm)
+
+    def _params(
+        self, params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise InvalidRequest(f"got {n} prompts but {len(params)} SamplingParams", param="params")
+        return params
+
+    def _prepare(self, prompt: Prompt | dict, params: SamplingParams) -> ProcessedRequest:
+        rid = str(next(self._ids))
+        if not isinstance(prompt, dict):
+            ids = self.input.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            return self.input.process(rid, ids, params, prompt if isinstance(prompt, str) else None)
+        text = prompt.get("prompt")
+        ids = self.input.encode(text) if text is not None else list(prompt.get("prompt_token_ids") or [])
+        images = (prompt.get("multi_modal_data") or {}).get("image", [])
+        images = images if isinstance(images, (list, tuple)) else [images]
+        mm = self.input.multimodal
+        if images and mm is None:
+            raise InvalidRequest("this model accepts text only", param="multi_modal_data")
+        if mm is None:
+            return self.input.process(rid, ids, params, text)
+        processed = [mm.load(image, f"multi_modal_data.image[{k}]") for k, image in enumerate(images)]
+        ids, inputs, positions, delta = mm.finalize(ids, processed)
+        return self.input.process(rid, ids, params, text, images=inputs, mrope=(positions, delta))
+
+    def _submit(self, requests: list[ProcessedRequest], use_tqdm: bool | None) -> list[RequestOutput]:
+        for request in requests:
+            self.output.add_request(request)
+            for seq in request.seqs:
+                self.engine.add_request(seq)
+        return self._run([r.request_id for r in requests], use_tqdm)
 
     def reset_prefix_cache(self) -> int:
         """Forget the cached prefixes of earlier calls (e.g. between timed rounds that repeat prompts);

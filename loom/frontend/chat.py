@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import torch
+
+from loom.errors import InvalidRequest
 from loom.frontend.input_processor import InputProcessor
+from loom.frontend.multimodal import has_image_parts
 from loom.frontend.tool_parsers import HERMES_START
 from loom.frontend.truncation import fit_chat
+from loom.multimodal.inputs import ImageInput
 
 
 @dataclass
@@ -25,6 +30,9 @@ class ChatPrompt:
     truncated_tokens: int = 0
     """Prompt tokens the truncation policy removed."""
     dropped_messages: int = 0
+    images: tuple[ImageInput, ...] = ()
+    mrope: tuple[torch.Tensor | None, int] = (None, 0)
+    """M-RoPE positions ([3, n]) and delta of a prompt with images."""
 
 
 def _num_chars(messages: list[dict], tools: list[dict] | None) -> int:
@@ -56,6 +64,19 @@ def render_chat(
     ip.check_chars(_num_chars(messages, tools), "messages")
     tokenizer = ip.tokenizer
     prompt = ChatPrompt(token_ids=[])
+    images = []
+    if has_image_parts(messages):
+        if ip.multimodal is None:
+            raise InvalidRequest(
+                "this model accepts text only; image parts need a vision-language model", param="messages"
+            )
+        if truncation != "error":
+            # Cutting tokens or turns could cut an image in half: prompts with images must fit as sent.
+            raise InvalidRequest(
+                f"truncation {truncation!r} is not supported for prompts with images", param="truncation"
+            )
+        messages, images = ip.multimodal.prepare_messages(messages)
+        budget -= ip.multimodal.extra_tokens(images)
     if tools is not None and tool_call_parser != "none":
         prompt.tool_names = {t["function"]["name"] for t in tools}
         prompt.parser = tool_call_parser
@@ -74,5 +95,8 @@ def render_chat(
     prefill = tokenizer.encode(prompt.prefill, add_special_tokens=False) if prompt.prefill else []
     fitted = fit_chat(tokenizer, messages, tools, budget - len(prefill), ip.max_model_len, truncation)
     prompt.token_ids = fitted.prompt_token_ids + prefill
+    if ip.multimodal is not None:
+        ids, prompt.images, positions, delta = ip.multimodal.finalize(prompt.token_ids, images)
+        prompt.token_ids, prompt.mrope = ids, (positions, delta)
     prompt.truncated_tokens, prompt.dropped_messages = fitted.truncated_tokens, fitted.dropped_messages
     return prompt

@@ -12,13 +12,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from loom.engine.io import EngineRequest
 from loom.errors import ContextLengthExceeded, InvalidRequest
+from loom.multimodal.inputs import ImageInput
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from loom.engine.core import EngineCore
+    from loom.frontend.multimodal import MultimodalProcessor
 
 
 @dataclass
@@ -58,13 +62,16 @@ class InputProcessor:
         self.eos_token_ids = frozenset(eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self.max_prompt_chars = max_prompt_chars
         """Longest text accepted for tokenizing; checked before any tokenizer work is spent on it."""
+        self.multimodal: MultimodalProcessor | None = None
+        """Image handling, for a model that takes images."""
 
     @classmethod
     def for_engine(
         cls, core: EngineCore, tokenizer: Tokenizer, max_prompt_chars: int | None = None
     ) -> InputProcessor:
-        """The input processor of an engine: its context length, vocabulary and EOS tokens."""
-        return cls(
+        """The input processor of an engine: its context length, vocabulary, EOS tokens and, for a model
+        that takes images, their processing."""
+        ip = cls(
             tokenizer,
             core.max_model_len,
             core.vocab_size,
@@ -72,6 +79,20 @@ class InputProcessor:
             frozenset(core.model_config.eos_token_ids),
             max_prompt_chars,
         )
+        if core.model_config.vision is not None:
+            from loom.frontend.multimodal import MultimodalProcessor
+
+            cfg = core.config
+            ip.multimodal = MultimodalProcessor(
+                core.model_path,
+                core.model_config,
+                tokenizer,
+                cfg.media_config(),
+                cfg.image_limit,
+                cfg.processor_overrides,
+                cfg.chat_template_content_format,
+            )
+        return ip
 
     # ---- text -> tokens ------------------------------------------------------------------------
 
@@ -141,8 +162,11 @@ class InputProcessor:
         prompt: str | None = None,
         arrival_time: float | None = None,
         param: str = "prompt",
+        images: tuple[ImageInput, ...] = (),
+        mrope: tuple[torch.Tensor | None, int] = (None, 0),
     ) -> ProcessedRequest:
-        """Validate and fan out into one EngineRequest per completion (`{request_id}#k` when n > 1)."""
+        """Validate and fan out into one EngineRequest per completion (`{request_id}#k` when n > 1).
+        `images` and `mrope` (positions, delta) come from MultimodalProcessor.finalize."""
         max_tokens = self.validate(prompt_token_ids, params, param)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         ids = list(prompt_token_ids)
@@ -158,6 +182,9 @@ class InputProcessor:
                     seed=sequence_seed(params.seed, k),
                     parent_id=request_id,
                     arrival_time=arrival,
+                    images=images,
+                    mrope_positions=mrope[0],
+                    mrope_delta=mrope[1],
                 )
             )
         return ProcessedRequest(request_id, prompt, ids, params, seqs, arrival)

@@ -22,17 +22,22 @@ class Block:
     """Set while the block is full and indexed by the prefix cache."""
 
 
-def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
     """Hash of a full block, chained over every block before it.
 
     Chaining makes the key the whole prefix, not just this block's tokens: two prompts that share a
     block-aligned run of tokens after different beginnings never share KV. A cryptographic digest (not
-    Python's hash()) because a collision would silently serve another prompt's KV.
+    Python's hash()) because a collision would silently serve another prompt's KV. `extra` carries what
+    the token ids do not say: the content of the images whose placeholder tokens fall in the block (every
+    image of a given size has the same placeholder ids).
     """
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
     h.update(array("q", token_ids).tobytes())
+    if extra:
+        h.update(b"\x00mm")
+        h.update(extra)
     return h.digest()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,11 @@ class KVRequest(Protocol):
     @property
     def skip_prefix_cache(self) -> bool:
         """True when the request must compute every token (it takes no prefix hits)."""
+        ...
+
+    @property
+    def mm_spans(self) -> Sequence[tuple[int, int, str]]:
+        """(offset, length, content key) of each image's run of placeholder tokens."""
         ...
 
 
@@ -78,8 +84,11 @@ class KVCacheManager:
         hashes = self.req_hashes.setdefault(request.request_id, [])
         tokens = request.all_token_ids
         bs = self.block_size
+        spans = request.mm_spans
         for i in range(len(hashes), num_tokens // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+            start, end = i * bs, (i + 1) * bs
+            extra = b"".join(key.encode() for off, n, key in spans if off < end and start < off + n)
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[start:end], extra))
         return hashes
 
     def get_computed_blocks(self, request: KVRequest) -> PrefixHit:

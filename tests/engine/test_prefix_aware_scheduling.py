@@ -3,7 +3,7 @@ goes first; the head of the queue is passed over a bounded number of times; FCFS
 
 from __future__ import annotations
 
-from conftest import make_req, make_scheduler, run_step
+from step_loop import make_req, make_scheduler, run_step
 
 from loom.engine.request import Request, RequestStatus
 from loom.engine.scheduler import Scheduler

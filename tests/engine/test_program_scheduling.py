@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import make_req, make_scheduler, run_step
+from step_loop import make_req, make_scheduler, run_step
 
 from loom import LLM, SamplingParams
 from loom.engine.request import Request

@@ -6,7 +6,7 @@ of a sequence, then update_from_output()."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_req, make_scheduler, run_step, step
+from step_loop import make_req, make_scheduler, run_step, step
 
 from loom.engine.request import RequestStatus
 from loom.engine.scheduler import Scheduler

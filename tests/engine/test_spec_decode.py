@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_req, make_scheduler, run_step
+from step_loop import make_req, make_scheduler, run_step
 
 from loom import LLM, SamplingParams
 from loom.engine.spec_decode import SpeculativeConfig

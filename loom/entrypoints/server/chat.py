@@ -43,12 +43,14 @@ def _messages(body: p.ChatCompletionRequest) -> list[dict]:
     messages = []
     for i, message in enumerate(body.messages):
         if isinstance(message.content, list):
-            for part in message.content:
+            for j, part in enumerate(message.content):
                 kind = part.get("type")
+                if kind == "image_url":
+                    continue  # loaded (or refused, for a text-only model) by the frontend
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise InvalidRequest(
-                        f"messages[{i}] has a {kind!r} content part; this model accepts text only "
-                        "(parts of type 'text' with a string 'text')",
+                        f"messages[{i}].content[{j}] is a {kind!r} part; parts are 'text' (with a string "
+                        "'text') or 'image_url'",
                         param="messages",
                     )
         messages.append(message.model_dump(exclude_none=True))
@@ -154,7 +156,14 @@ class ChatCompletions:
                 ip.prompt_budget(max_tokens),
                 truncation,
             )
-            job = ip.process(new_id("chatcmpl"), prompt.token_ids, params, param="messages")
+            job = ip.process(
+                new_id("chatcmpl"),
+                prompt.token_ids,
+                params,
+                param="messages",
+                images=prompt.images,
+                mrope=prompt.mrope,
+            )
             return prompt, job
 
         prompt, job = await state.in_thread(prepare)

@@ -1,5 +1,6 @@
-"""Factories for engine unit tests: a Scheduler with its KV manager, a Request, and a model-free runner
-so tests drive the real step loop (schedule -> runner -> update_from_output) through the typed boundary."""
+"""Engine unit-test helpers (not fixtures): a Scheduler with its KV manager, a Request, and a model-free
+runner, so tests drive the real step loop (schedule -> runner -> update_from_output) through the typed
+boundary."""
 
 from __future__ import annotations
 
