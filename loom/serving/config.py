@@ -24,11 +24,15 @@ class ScaleOutConfig:
     """Most requests Ray Serve sends one replica at once; more wait in the router."""
     routing: str = "cache_aware"
     """How a request picks its replica: cache_aware (program_id, then prompt prefix, then least loaded), round_robin, or power_of_two (Ray Serve's default)."""
+    # Thresholds after SGLang's cache_aware router (cache_threshold 0.3, balance_abs_threshold 64,
+    # balance_rel_threshold 1.5). Its 64 is about a quarter of a GPU worker's running batch; a quarter of
+    # a loom CPU replica's (~27 rows per decode step in benchmarks/README.md) is 7, hence 8. The
+    # relative test is scale-free and kept as is.
     balance_abs_threshold: int = 8
     """Load counts as imbalanced when the busiest replica has more than this many requests above the idlest (and balance_rel_threshold holds); routing then ignores the cache and picks the least loaded."""
     balance_rel_threshold: float = 1.5
     """...and when the busiest replica has more than this many times the idlest one's requests."""
-    cache_threshold: float = 0.5
+    cache_threshold: float = 0.3
     """Least fraction of a prompt's blocks a replica must hold for prefix routing; below it the least loaded replica gets the request."""
     prefix_block_chars: int = 64
     """Characters of the rendered request hashed into one router block (about one 16-token KV block of English)."""

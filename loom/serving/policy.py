@@ -4,7 +4,8 @@ Python so it is tested and benchmarked without Ray; `router.py` plugs it into Ra
 The cache-aware policy follows SGLang's `cache_aware` router: when load is balanced, send the request
 where its prefix is cached; when it is not, send it to the least-loaded replica. Before the prefix,
 an agent program's id pins its calls to the replica that served the program last (its pinned KV
-lives there). Thresholds are ScaleOutConfig fields; the defaults are argued there and in the README.
+lives there). Unlike SGLang, a match that is only a prefix other conversations share (and branched
+from) does not pin a new conversation to the prefix's first holder: see `choose`. Thresholds are ScaleOutConfig fields; the defaults are argued there and in the README.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from loom.serving.prefix import PrefixIndex
 
 # How the last request was routed; counted in metrics, and asserted on by tests.
-REASONS = ("program", "prefix", "least_loaded", "imbalanced", "round_robin", "retry")
+REASONS = ("program", "prefix", "shared_prefix", "least_loaded", "imbalanced", "round_robin", "retry")
 
 
 @dataclass(slots=True)
@@ -51,7 +52,7 @@ class CacheAwarePolicy:
         self,
         abs_threshold: int = 8,
         rel_threshold: float = 1.5,
-        cache_threshold: float = 0.5,
+        cache_threshold: float = 0.3,
         blocks_per_replica: int = 65536,
         max_programs: int = 100_000,
     ):
@@ -85,12 +86,18 @@ class CacheAwarePolicy:
             return self._record(route, Choice(_first(pinned, by_load), "program"))
         if route.block_hashes:
             matched = {r: self._index(r).match(route.block_hashes) for r in candidates}
-            best = max(matched.values())
+            best = max(n for n, _ in matched.values())
             if best > 0 and best >= self.cache_threshold * len(route.block_hashes):
-                # Among replicas within a block of the best match (a shared system prompt is on
-                # several), the least loaded: ties must not all land on the first one.
-                tied = [r for r in by_load if matched[r] >= best - 1]
-                return self._record(route, Choice(_first(tied[0], by_load), "prefix"))
+                # The request continues a conversation where its history is: stay there.
+                here = [r for r in by_load if matched[r][0] >= best - 1 and matched[r][1]]
+                if here:
+                    return self._record(route, Choice(_first(here[0], by_load), "prefix"))
+                # The match is a prefix other conversations share (a system prompt) and branched
+                # from: SGLang would send every new conversation to its first holder until the load
+                # gap passes its threshold. Send it to the least-loaded replica instead, the longest
+                # match on ties: a hot prefix is copied to one more replica per step of load.
+                shared = sorted(candidates, key=lambda r: (candidates[r], -matched[r][0]))
+                return self._record(route, Choice(shared, "shared_prefix"))
         return self._record(route, Choice(by_load, "least_loaded"))
 
     def _candidates(self, route: RouteInfo, loads: dict[str, int]) -> dict[str, int]:

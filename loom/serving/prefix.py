@@ -59,8 +59,13 @@ def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:
     return tuple(hashes)
 
 
+# The marker of a block that earlier prompts continued in more than one way.
+_BRANCH = object()
+
+
 class PrefixIndex:
-    """The block hashes the router sent to one replica, least recently used first, at most `capacity`.
+    """The block hashes the router sent to one replica, least recently used first, at most `capacity`,
+    each with what followed it: nothing yet (the prompt ended there), one block, or several (a branch).
 
     The bound should be about the replica's KV capacity in blocks: past that the replica has evicted
     the prefix anyway, so remembering more would only attract requests to a cache that is gone.
@@ -68,29 +73,39 @@ class PrefixIndex:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._blocks: OrderedDict[int, object] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, hashes: Sequence[int]) -> int:
-        """How many leading blocks of `hashes` this replica holds."""
+    def match(self, hashes: Sequence[int]) -> tuple[int, bool]:
+        """(how many leading blocks of `hashes` this replica holds, whether the request continues
+        where an earlier prompt ended). A match that stops where earlier prompts went on differently
+        is a prefix several conversations share (a system prompt), not this conversation's history."""
         n = 0
         blocks = self._blocks
         for h in hashes:
             if h not in blocks:
                 break
             n += 1
-        return n
+        if n == 0:
+            return 0, False
+        after = blocks[hashes[n - 1]]
+        return n, after is None or (n < len(hashes) and after == hashes[n])
 
     def insert(self, hashes: Sequence[int]) -> None:
         # Deepest block first, so a chain's leading blocks are the most recently used and are evicted
         # last: a chain that lost its first block would match nothing at all.
         blocks = self._blocks
-        for h in reversed(hashes):
+        for i in range(len(hashes) - 1, -1, -1):
+            h = hashes[i]
+            child = hashes[i + 1] if i + 1 < len(hashes) else None
             if h in blocks:
+                after = blocks[h]
+                if child is not None and after is not child and after != child:
+                    blocks[h] = child if after is None else _BRANCH
                 blocks.move_to_end(h)
             else:
-                blocks[h] = None
+                blocks[h] = child
         while len(blocks) > self.capacity:
             blocks.popitem(last=False)

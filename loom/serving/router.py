@@ -29,7 +29,7 @@ class LoomRequestRouter(RequestRouter):
         policy: str = "cache_aware",
         abs_threshold: int = 8,
         rel_threshold: float = 1.5,
-        cache_threshold: float = 0.5,
+        cache_threshold: float = 0.3,
         blocks_per_replica: int = 65536,
     ) -> None:
         if policy == "round_robin":

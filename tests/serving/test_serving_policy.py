@@ -44,12 +44,12 @@ def test_prefix_index_is_bounded_and_evicts_chains_from_their_tails():
     index = PrefixIndex(capacity=6)
     first = block_hashes("a" * 40, 8)  # 5 blocks
     index.insert(first)
-    assert index.match(first) == 5
+    assert index.match(first) == (5, True)
     second = block_hashes("b" * 32, 8)  # 4 more: 3 of the first chain's go, deepest first
     index.insert(second)
     assert len(index) == 6
-    assert index.match(second) == 4
-    assert index.match(first) == 2
+    assert index.match(second)[0] == 4
+    assert index.match(first)[0] == 2
 
 
 # ---- cache-aware policy -------------------------------------------------------------------------
@@ -62,16 +62,33 @@ def test_program_id_pins_calls_to_the_replica_that_served_the_program():
     assert again.ranked[0] == first.ranked[0] and again.reason == "program"
 
 
-def test_longest_prefix_wins_while_balanced_and_ties_go_to_the_least_loaded():
+def test_a_conversation_stays_where_its_history_is_while_balanced():
     policy = CacheAwarePolicy(abs_threshold=4)
-    session = chat("s" * 200, "turn one")
-    first = policy.choose(route(session, "1"), {"a": 0, "b": 0})
+    first = policy.choose(route(chat("s" * 200, "turn one"), "1"), {"a": 0, "b": 0})
     follow = chat("s" * 200, "turn one", "answer", "turn two")
-    assert policy.choose(route(follow, "2"), {"a": 2, "b": 0}).ranked[0] == first.ranked[0]
-    other = "b" if first.ranked[0] == "a" else "a"
-    policy.on_routed(route(chat("s" * 200, "elsewhere"), "3"), other)  # the system prompt is on both now
-    fresh = policy.choose(route(chat("s" * 200, "new session"), "4"), {first.ranked[0]: 3, other: 1})
-    assert fresh.ranked[0] == other and fresh.reason == "prefix"
+    again = policy.choose(route(follow, "2"), {first.ranked[0]: 3, "b" if first.ranked[0] == "a" else "a": 0})
+    assert again.ranked[0] == first.ranked[0] and again.reason == "prefix"
+
+
+def test_new_conversations_on_a_shared_prefix_go_to_the_least_loaded_replica():
+    policy = CacheAwarePolicy(abs_threshold=8)
+    policy.on_routed(route(chat("s" * 200, "session one"), "1"), "a")
+    # Only "a" holds the system prompt, but "b" is idler: SGLang would pick "a" (load gap 1 < 8).
+    fresh = policy.choose(route(chat("s" * 200, "session two"), "2"), {"a": 1, "b": 0})
+    assert fresh.ranked[0] == "b" and fresh.reason == "shared_prefix"
+    # Equal load: the replica holding the prefix wins the tie.
+    policy2 = CacheAwarePolicy()
+    policy2.on_routed(route(chat("s" * 200, "session one"), "1"), "b")
+    assert policy2.choose(route(chat("s" * 200, "session two"), "2"), {"a": 0, "b": 0}).ranked[0] == "b"
+
+
+def test_prefix_index_tells_a_continuation_from_a_branch():
+    index = PrefixIndex(capacity=100)
+    turn1 = block_hashes("s" * 64 + "u" * 32, 8)
+    index.insert(turn1)
+    assert index.match(block_hashes("s" * 64 + "u" * 32 + "a" * 40, 8)) == (12, True)
+    assert index.match(block_hashes("s" * 64 + "v" * 32, 8)) == (8, False)
+    assert index.match(block_hashes("t" * 64, 8)) == (0, False)
 
 
 def test_imbalance_falls_back_to_the_least_loaded_replica():
