@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from loom.entrypoints.server.errors import ServiceUnavailable, describe
+from loom.entrypoints.server.errors import AuthenticationError, ServiceUnavailable, describe
 from loom.errors import InvalidRequest
 from loom.serving.breaker import CircuitBreaker
 from loom.serving.canary import CanaryController
@@ -92,7 +92,7 @@ class LoomIngress:
             "canary_state": self.canary.state,
             "canary_weight": self.canary.weight,
             "rollback_reason": self.canary.reason,
-            "windows": {v: vars_of(self.canary.window(v)) for v in self.canary.versions},
+            "windows": {v: _window_json(self.canary.window(v)) for v in self.canary.versions},
         }
 
     def _check_key(self, request: Request) -> None:
@@ -100,8 +100,6 @@ class LoomIngress:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
-            from loom.entrypoints.server.errors import AuthenticationError
-
             raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
 
     # ---- forwarding with retries ---------------------------------------------------------------
@@ -129,7 +127,7 @@ class LoomIngress:
             try:
                 start, held = await self._first_token(stream, streaming)
             except RetryableFailure as failure:
-                self.metrics.attempt_failed(version, failure.replica)
+                self.metrics.attempt_failed(version)
                 if failure.replica is not None:
                     self.breaker.record(failure.replica, ok=False)
                     tried.append(failure.replica)
@@ -137,10 +135,12 @@ class LoomIngress:
                 if attempt >= self.config.max_retries:
                     logger.warning("request %s failed after %d tries: %s", request_id, attempt + 1, failure)
                     self.metrics.finished(version, 503, None)
-                    raise ServiceUnavailable(
+                    error = ServiceUnavailable(
                         f"no replica could serve the request after {attempt + 1} tries: {failure}",
                         retry_after=1,
-                    ) from failure
+                    )
+                    status, body, extra = describe(error)
+                    return JSONResponse(body, status_code=status, headers={**extra, VERSION_HEADER: version})
                 version = self.canary.other(version) or version
                 await asyncio.sleep(min(_MAX_BACKOFF_S, self.config.retry_backoff_s * 2**attempt))
                 attempt += 1
@@ -234,7 +234,7 @@ class LoomIngress:
         self.canary.record(start.version, error=start.status >= 500, ttft_s=ttft)
 
 
-def vars_of(window) -> dict:
+def _window_json(window) -> dict:
     return {"requests": window.requests, "errors": window.errors, "ttft_p95": window.ttft_p95}
 
 

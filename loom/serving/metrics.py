@@ -56,7 +56,7 @@ class RouterMetrics:
     def routed(self, reason: str) -> None:
         self.routes.labels(reason).inc()
 
-    def attempt_failed(self, version: str, replica: str | None) -> None:
+    def attempt_failed(self, version: str) -> None:
         self.failed_attempts.labels(version).inc()
 
     def finished(self, version: str, status: int, ttft_s: float | None) -> None:
