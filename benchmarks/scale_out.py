@@ -97,13 +97,12 @@ def ttfts(url: str, n: int) -> list[float]:
                 "stream": True,
             }
             start = time.perf_counter()
+            first = None
             with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 for line in r.iter_lines():
-                    if '"content":"' in line and '"content":""' not in line or "finish_reason" in line:
-                        break
-                first = time.perf_counter() - start
-                for _ in r.iter_lines():
-                    pass
+                    token = '"content":"' in line and '"content":""' not in line
+                    if first is None and (token or "finish_reason" in line):
+                        first = time.perf_counter() - start
             if i >= 3:  # the first few warm the path
                 out.append(first * 1e3)
     return out
@@ -152,38 +151,44 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
     parser.add_argument("--overhead-requests", type=int, default=30)
     parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--parts", default="routing,threads,overhead", help="any of routing,threads,overhead")
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
+    parts = set(args.parts.split(","))
     load_before = os.getloadavg()
     model = make_tiny(Path(tempfile.mkdtemp()) / "model", size=args.size, seed=0)
     engine1 = EngineConfig(model=str(model), dtype=args.dtype, num_threads=1, num_blocks=2048)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    rows = []
+    rows: list[dict] = []
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for routing in ("cache_aware", "round_robin", "power_of_two"):
-            scale = ScaleOutConfig(replicas=2, routing=routing, replica_num_cpus=1)
-            rows.append(run_setting(f"2x1-{routing}", scale, engine1, port, args))
-        engine2 = EngineConfig(model=str(model), dtype=args.dtype, num_threads=2, num_blocks=4096)
-        rows.append(run_setting("1x2", ScaleOutConfig(replicas=1, replica_num_cpus=2), engine2, port, args))
+        if "routing" in parts:
+            for routing in ("cache_aware", "round_robin", "power_of_two"):
+                scale = ScaleOutConfig(replicas=2, routing=routing, replica_num_cpus=1)
+                rows.append(run_setting(f"2x1-{routing}", scale, engine1, port, args))
+                save(args, {"rows": rows, "load_before": load_before})
+        if "threads" in parts:
+            engine2 = EngineConfig(model=str(model), dtype=args.dtype, num_threads=2, num_blocks=4096)
+            rows.append(
+                run_setting("1x2", ScaleOutConfig(replicas=1, replica_num_cpus=2), engine2, port, args)
+            )
+            save(args, {"rows": rows, "load_before": load_before})
+        if "overhead" in parts:
+            from loom.serving.app import build_app
 
-        from loom.serving.app import build_app
-
-        scale = ScaleOutConfig(replicas=1, replica_num_cpus=1)
-        serve.run(
-            build_app(scale, engine1, ServerConfig(served_model_name=MODEL)),
-            name="overhead",
-            route_prefix="/",
-        )
-        via_ray = ttfts(f"http://127.0.0.1:{port}", args.overhead_requests)
-        serve.delete("overhead")
+            app = build_app(ScaleOutConfig(replicas=1), engine1, ServerConfig(served_model_name=MODEL))
+            serve.run(app, name="overhead", route_prefix="/")
+            via_ray = ttfts(f"http://127.0.0.1:{port}", args.overhead_requests)
+            serve.delete("overhead")
     finally:
         serve.shutdown()
         ray.shutdown()
+    if "overhead" not in parts:
+        return
 
     direct_port = free_port()
     cmd = [
@@ -218,15 +223,18 @@ def main() -> None:
         **policy_overhead(args),
     }
     print(json.dumps(overhead), flush=True)
-    result = {
-        "settings": vars(args),
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "rows": rows,
-        "overhead": overhead,
-    }
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    save(args, {"overhead": overhead, "overhead_load_before": load_before})
+
+
+def save(args: argparse.Namespace, update: dict) -> None:
+    """Merge `update` (and the machine load now) into the JSON result, so parts can run separately."""
+    if not args.json_out:
+        return
+    path = Path(args.json_out)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(update, settings={k: v for k, v in vars(args).items() if k not in ("json_out", "parts")})
+    result[f"load_after_{next(iter(update))}"] = os.getloadavg()
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
