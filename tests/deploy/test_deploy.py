@@ -12,9 +12,9 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import REPO
 from kubernetes_validate.utils import ValidationError
 
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.33.0"

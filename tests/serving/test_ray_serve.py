@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ import httpx
 import psutil
 import pytest
 import ray
-from conftest import MODEL, REPO, free_port
 from ray import serve
 from ray_faults import BrokenEngineReplica
 
@@ -30,8 +30,16 @@ from loom.serving.config import ScaleOutConfig
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+MODEL = "loom-test"  # the launch_server fixture's served model name
 STABLE = {"x-loom-model-version": "stable"}
 REPLICA_TITLE = f"ServeReplica:{APP_NAME}:replica-stable"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from loom.errors import InvalidRequest
 from loom.serving.config import ScaleOutConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
