@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
+import time
 from dataclasses import replace
+from types import FrameType
 
 from loom.config import EngineConfig
 from loom.entrypoints.server.config import ServerConfig
@@ -120,7 +121,7 @@ def default_engine_threads(engine: EngineConfig, scale: ScaleOutConfig) -> Engin
 
 def run_scale_out(scale: ScaleOutConfig, engine: EngineConfig, server: ServerConfig) -> None:
     """`loom serve --replicas N`: start (or join) Ray, run the app on --host/--port until SIGINT or
-    SIGTERM, then shut Serve down (replicas drain) and leave Ray."""
+    SIGTERM (also while the replicas load), then delete the app (replicas drain) and leave Ray."""
     try:
         import ray
         from ray import serve
@@ -128,20 +129,33 @@ def run_scale_out(scale: ScaleOutConfig, engine: EngineConfig, server: ServerCon
         raise SystemExit("loom serve --replicas needs Ray Serve: pip install 'loom[ray]'") from None
 
     engine = default_engine_threads(engine, scale)
-    ray.init(address=scale.ray_address, include_dashboard=False, log_to_driver=True)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
     try:
+        # A SIGTERM during ray.init meets Ray's own handler (SystemExit); the finally still cleans up.
+        ray.init(address=scale.ray_address, include_dashboard=False, log_to_driver=True)
+        # Ours from here on, before anything that blocks: a SIGTERM while the replicas load must
+        # shut Ray down too, not leave its processes behind.
+        signal.signal(signal.SIGTERM, stop)
         serve.start(http_options={"host": server.host, "port": server.port})
         serve.run(build_app(scale, engine, server), name=APP_NAME, route_prefix="/")
         logger.info("serving on http://%s:%d with %d replica(s)", server.host, server.port, scale.replicas)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(1.0):
-            pass
-        logger.info("shutting down: draining replicas")
-        serve.shutdown()
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt as e:
+        logger.info("%s: shutting down (replicas drain)", e or "SIGINT")
     finally:
-        ray.shutdown()
+        # Ignore further signals while Serve drains: a second one must not cut the shutdown short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if ray.is_initialized():
+                # Only this app: on a cluster we joined (--ray-address), other Serve apps keep running.
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()  # stops the local cluster if this process started it
 
 
 def app_from_env(args: dict[str, str] | None = None):
