@@ -13,6 +13,8 @@ import uvicorn
 from loom.config import add_config_args, config_from_args
 from loom.entrypoints.server.config import ServerConfig
 from loom.entrypoints.server.serving import ServerState
+from loom.errors import InvalidRequest
+from loom.serving.config import ScaleOutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return config_from_args(args, ServerConfig)
 
 
+def scale_out_config_from_args(args: argparse.Namespace) -> ScaleOutConfig:
+    return config_from_args(args, ScaleOutConfig)
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `loom serve` on the `loom` command's subparsers."""
     from loom.entrypoints.cli import add_engine_args
@@ -43,6 +49,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_server_args(parser)
     add_engine_args(parser)
+    add_config_args(parser, ScaleOutConfig, "scale-out (Ray Serve)")
     parser.set_defaults(func=run_server)
 
 
@@ -88,12 +95,21 @@ def run_server(args: argparse.Namespace) -> None:
     from loom.entrypoints.cli import engine_config_from_args
     from loom.entrypoints.server.app import create_app
 
-    engine_config = engine_config_from_args(args)
+    try:
+        scale = scale_out_config_from_args(args)
+        engine_config = engine_config_from_args(args)
+        server_config = server_config_from_args(args)
+    except InvalidRequest as e:
+        raise SystemExit(f"loom serve: error: {e}") from None
+    if scale.replicas is not None:
+        from loom.serving.app import run_scale_out
+
+        run_scale_out(scale, engine_config, server_config)
+        return
     if engine_config.num_threads is None:
         # On CPU the HTTP event loop and the detokenizer need a core of their own: torch's worker
         # threads spin, and sharing every core with them slowed serving ~10x in benchmarks/serving.py.
         engine_config.num_threads = max(1, (os.cpu_count() or 2) - 1)
-    server_config = server_config_from_args(args)
     app = create_app(engine_config, server_config)
     config = uvicorn.Config(
         app,
