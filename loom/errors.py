@@ -27,3 +27,24 @@ class ModelLoadError(LoomError):
 
 class EngineDeadError(LoomError):
     """The engine loop stopped and cannot serve requests (HTTP 503)."""
+
+
+class NotFound(LoomError):
+    """A named object (file, batch, agent run) does not exist (HTTP 404).
+
+    `param` names the field or path segment that held the unknown id.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class StorageFull(LoomError):
+    """The durable job state could not be written: the disk (or the --state-max-bytes quota) is full
+    (HTTP 507). Whatever the failed write belonged to was rolled back; the queue is intact."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

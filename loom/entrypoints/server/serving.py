@@ -35,6 +35,7 @@ from loom.errors import ContextLengthExceeded, InvalidRequest
 from loom.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
+from loom.tracing import NO_TRACING
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class ServerState:
         )
         self.metrics = ServerMetrics(self.ready_core, self.response_cache)
         self.engine = AsyncEngine(engine_config, on_step=self.metrics.on_step)
+        self.tracing = NO_TRACING  # create_app turns it on (--otlp-traces-endpoint)
         self.created = int(time.time())
         self.draining = False
         self._drain_deadline = float("inf")
@@ -175,9 +177,11 @@ class ServerState:
         async def pump(i: int, job: Job) -> None:
             tracker = self.metrics.track(job.params.n)
             try:
-                async for out in self.engine.generate(job.request_id, job.prompt_token_ids, job.params):
-                    tracker.on_output(out)
-                    queue.put_nowait((i, out))
+                with self.tracing.engine_request(job, self.model_name) as span:
+                    async for out in self.engine.generate(job.request_id, job.prompt_token_ids, job.params):
+                        tracker.on_output(out)
+                        span.on_output(out)
+                        queue.put_nowait((i, out))
                 queue.put_nowait((i, done))
             except BaseException as e:
                 tracker.on_abort()
