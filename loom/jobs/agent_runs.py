@@ -111,15 +111,18 @@ class AgentRuns:
 
     def get(self, run_id: str) -> dict[str, Any]:
         row = self._row(run_id)
+        workflow = json.loads(row["workflow"])
+        rows = {r["node"]: r for r in self.db.query("SELECT * FROM agent_nodes WHERE run_id = ?", (run_id,))}
+        order = [n.get("name") for n in workflow.get("nodes", []) if isinstance(n, dict)]
         nodes = {
-            r["node"]: {
+            name: {
                 "status": r["status"],
                 "output": json.loads(r["output"]) if r["output"] is not None else None,
                 "error": r["error"],
             }
-            for r in self.db.query("SELECT * FROM agent_nodes WHERE run_id = ?", (run_id,))
+            for name in order
+            if (r := rows.get(name)) is not None
         }
-        workflow = json.loads(row["workflow"])
         return {
             "id": run_id,
             "object": "agent.run",
