@@ -47,7 +47,9 @@ def traced(tiny_llama_dir: Path, tmp_path_factory):
     port = free_port()
     app = create_app(
         EngineConfig(model=str(tiny_llama_dir), num_blocks=512, num_threads=1),
-        ServerConfig(port=port, served_model_name="loom-test", state_dir=str(tmp_path_factory.mktemp("traced"))),
+        ServerConfig(
+            port=port, served_model_name="loom-test", state_dir=str(tmp_path_factory.mktemp("traced"))
+        ),
         tracer_provider=provider,
     )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -98,7 +100,13 @@ def test_agent_run_is_one_trace_nesting_run_node_http_engine(traced):
         assert a["gen_ai.request.max_tokens"] == 4 and a["gen_ai.request.temperature"] == 0
         assert a["gen_ai.usage.prompt_tokens"] > 0 and a["gen_ai.usage.completion_tokens"] == 4
         assert a["gen_ai.usage.cached_tokens"] >= 0
-        for key in ("time_in_queue", "time_to_first_token", "time_in_model_prefill", "time_in_model_decode", "e2e"):
+        for key in (
+            "time_in_queue",
+            "time_to_first_token",
+            "time_in_model_prefill",
+            "time_in_model_decode",
+            "e2e",
+        ):
             assert a[f"gen_ai.latency.{key}"] >= 0, key
         assert a["gen_ai.latency.time_to_first_token"] <= a["gen_ai.latency.e2e"]
         assert e.start_time <= e.end_time
@@ -141,7 +149,9 @@ def test_otlp_http_export_to_a_receiver(launch_server):
             "otlp", "--otlp-traces-endpoint", f"http://127.0.0.1:{receiver.server_port}"
         ).wait_ready()
         body = {"model": "loom-test", "prompt": "Once", "max_tokens": 3}
-        r = httpx.post(server.url + "/v1/completions", json=body, headers={"traceparent": TRACEPARENT}, timeout=60)
+        r = httpx.post(
+            server.url + "/v1/completions", json=body, headers={"traceparent": TRACEPARENT}, timeout=60
+        )
         assert r.status_code == 200
         server.stop()  # shutting down flushes the batched spans
         spans = []
@@ -180,6 +190,8 @@ async def main():
 
 asyncio.run(main())
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -69,6 +69,7 @@ class JobService:
         self.model = model
         self.tracer = tracer
         self.tools = builtin_tools()
+        self.db: Database | None = None
         self.client: httpx.AsyncClient | None = None
         self.runner: BatchRunner | None = None
         self._task: asyncio.Task | None = None

@@ -74,6 +74,20 @@ def test_upload_create_poll_download(client):
     assert {uploaded.id, batch.output_file_id} <= {f.id for f in client.files.list()}
 
 
+def test_batch_progress_in_metrics(servers, client):
+    server = servers["main"]
+    lines = [chat_line(f"m{i}", p) for i, p in enumerate(PROMPTS[:3])]
+    batch = client.batches.create(
+        input_file_id=client.files.create(file=("m.jsonl", jsonl(lines)), purpose="batch").id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    assert wait_batch(client, batch.id).status == "completed"
+    assert server.metric("loom_batches", 'status="completed"') >= 1
+    assert server.metric("loom_batch_requests_finished_total") >= 3
+    assert server.metric("loom_batch_requests_pending") == 0
+
+
 def test_completions_batch_and_invalid_lines_reported_per_line(client):
     lines = [
         {

@@ -32,6 +32,7 @@ from loom.entrypoints.server.errors import (
 from loom.entrypoints.server.files import FILES_PATH, files_router
 from loom.entrypoints.server.serving import ServerState
 from loom.errors import InvalidRequest
+from loom.jobs.metrics import JobsCollector
 from loom.tracing import NO_TRACING, HTTPSpans, Tracing
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def create_app(
     elif server_config.otlp_traces_endpoint:
         state.tracing = Tracing.to_endpoint(server_config.otlp_traces_endpoint)
     jobs = make_jobs(state, server_config, state.tracing if state.tracing.enabled else None)
+    state.metrics.registry.register(JobsCollector(jobs))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
