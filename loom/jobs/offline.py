@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 async def run_batch(
-    lines: list[dict[str, Any]], engine_config: EngineConfig, concurrency: int = 64
+    lines: list[dict[str, Any]],
+    engine_config: EngineConfig,
+    concurrency: int = 64,
+    served_model_name: str | None = None,
 ) -> list[str]:
     """The output line of each input line, in order."""
     from loom.entrypoints.server.app import create_app
@@ -36,7 +39,10 @@ async def run_batch(
 
     with tempfile.TemporaryDirectory(prefix="loom-run-batch-") as state_dir:
         # Offline nothing waits to be served interactively, so no admission limit holds the batch back.
-        app = create_app(engine_config, ServerConfig(state_dir=state_dir, max_waiting=max(256, concurrency)))
+        config = ServerConfig(
+            state_dir=state_dir, max_waiting=max(256, concurrency), served_model_name=served_model_name
+        )
+        app = create_app(engine_config, config)
         async with app.router.lifespan_context(app):
             engine = app.state.loom.engine
             await asyncio.to_thread(engine.wait_ready)
@@ -81,7 +87,9 @@ def cmd_run_batch(args: argparse.Namespace) -> None:
     data = Path(args.input).read_bytes()
     check_batch_jsonl(data)
     lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-    outputs = asyncio.run(run_batch(lines, engine_config_from_args(args), args.concurrency))
+    outputs = asyncio.run(
+        run_batch(lines, engine_config_from_args(args), args.concurrency, args.served_model_name)
+    )
     Path(args.output).write_text("".join(o + "\n" for o in outputs))
     failed = sum(
         json.loads(o)["error"] is not None or json.loads(o)["response"]["status_code"] >= 400 for o in outputs
@@ -101,5 +109,8 @@ def add_run_batch_parser(subparsers: Any) -> None:
     p.add_argument("-i", "--input", required=True, help="the batch file: one request per line")
     p.add_argument("-o", "--output", required=True, help="where to write one answer per line")
     p.add_argument("--concurrency", type=int, default=64, help="most lines in flight at once")
+    p.add_argument(
+        "--served-model-name", help="the model name the lines' bodies use (default: --model, or loom-tiny)"
+    )
     add_engine_args(p)
     p.set_defaults(func=cmd_run_batch)
