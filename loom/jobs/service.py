@@ -69,6 +69,9 @@ class JobService:
         self.model = model
         self.tracer = tracer
         self.tools = builtin_tools()
+        self.require_ready: Callable[[], Any] = lambda: None
+        """Raises (503) while the server cannot run requests (loading, draining); set by the app. A run
+        is refused then rather than started into failures that would not be stored."""
         self.db: Database | None = None
         self.client: httpx.AsyncClient | None = None
         self.runner: BatchRunner | None = None

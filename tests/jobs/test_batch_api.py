@@ -145,6 +145,21 @@ def test_cancel_keeps_answered_lines_and_reports_the_rest(servers):
     assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling an ended batch changes nothing
 
 
+def test_a_batch_past_its_window_expires(servers):
+    client = servers["slow"].openai()
+    lines = [chat_line(f"e{i}", p, max_tokens=24) for i, p in enumerate(PROMPTS)]
+    file = client.files.create(file=("e.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="1s"
+    )
+    batch = wait_batch(client, batch.id)
+    assert batch.status == "expired" and batch.expired_at is not None
+    errors = read_jsonl(client.files.content(batch.error_file_id).text)
+    answered = read_jsonl(client.files.content(batch.output_file_id).text) if batch.output_file_id else []
+    assert sorted(o["custom_id"] for o in answered + errors) == sorted(line["custom_id"] for line in lines)
+    assert any(e["error"] and e["error"]["code"] == "batch_expired" for e in errors)
+
+
 def status_and_param(call) -> tuple[int, str | None]:
     with pytest.raises(openai.APIStatusError) as info:
         call()

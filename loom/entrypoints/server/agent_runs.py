@@ -32,6 +32,7 @@ def agent_runs_router(jobs: JobService) -> APIRouter:
 
     @router.post("/v1/agent/runs")
     async def create(body: CreateRunRequest) -> dict:
+        jobs.require_ready()
         return jobs.agent_runs.create(body.workflow, body.inputs, body.policy, body.deadline)
 
     @router.get("/v1/agent/runs")

@@ -150,6 +150,7 @@ def create_app(
     elif server_config.otlp_traces_endpoint:
         state.tracing = Tracing.to_endpoint(server_config.otlp_traces_endpoint)
     jobs = make_jobs(state, server_config, state.tracing if state.tracing.enabled else None)
+    jobs.require_ready = state.require_core
     state.metrics.registry.register(JobsCollector(jobs))
 
     @asynccontextmanager
