@@ -5,6 +5,12 @@ validation, defaults and response body that the same request sent by a client ge
 line answers what the request answers alone). The throttle sits above the engine: a few lines at most
 run at once, none start while interactive requests are in flight or were seen within `idle_s`, and every
 line carries a low scheduling `priority` (which the engine honours under --scheduling-policy priority).
+
+Lines already running when an interactive request arrives are preempted (`preempt`): aborted, so the
+interactive request has the engine to itself, and put back in the queue. Their prompts' KV stays in
+the prefix cache, so running them again later mostly costs their decode. Without preemption an
+interactive request shares every step with the running lines, and on a CPU its time to first token
+roughly doubled (benchmarks/batch_interference.py).
 """
 
 from __future__ import annotations
@@ -82,6 +88,17 @@ class Throttle:
     """Most batch lines in flight when no interactive request is."""
     idle_s: float = 0.25
     """Seconds without interactive requests before new batch lines start."""
+    preempt: bool = True
+    """Abort running lines when an interactive request arrives (they run again later)."""
+
+
+def admitted_weight(payload: dict[str, Any]) -> int:
+    """How many prompts the server admits for this line (a completions request may hold several)."""
+    body = payload["line"].get("body")
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
 
 
 class BatchRunner:
@@ -101,7 +118,7 @@ class BatchRunner:
         admitted: Callable[[], int],
         accepting: Callable[[], bool],
         batches: BatchStore | None = None,
-        poll_s: float = 0.05,
+        poll_s: float = 0.02,
         tick_s: float = 0.5,
     ):
         self.queue = queue
@@ -114,14 +131,17 @@ class BatchRunner:
         self.poll_s = poll_s
         self.tick_s = tick_s
         self.in_flight: dict[str, Task] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._preempted: set[str] = set()
+        self.num_preempted = 0
         self._changed = asyncio.Event()
         self._last_interactive = float("-inf")
         self._retry_at = 0.0
         self.num_finished = 0
 
     def interactive_load(self) -> int:
-        return max(0, self.admitted() - len(self.in_flight))
+        ours = sum(admitted_weight(t.payload) for t in self.in_flight.values())
+        return max(0, self.admitted() - ours)
 
     def room(self, now: float) -> int:
         """How many more lines may start now."""
@@ -144,6 +164,8 @@ class BatchRunner:
                 if self.batches is not None and now - last_tick >= self.tick_s:
                     last_tick = now
                     self._guard(self.batches.tick, {t.group for t in self.in_flight.values()})
+                if self.throttle.preempt and self.in_flight and self.interactive_load() > 0:
+                    self._preempt_all()
                 if self.accepting() and now >= idle_until:
                     room = self.room(now)
                     if room > 0:
@@ -158,9 +180,16 @@ class BatchRunner:
                 except TimeoutError:
                     pass
         finally:
-            for task in self._tasks:
+            for task in self._tasks.values():
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _preempt_all(self) -> None:
+        for task_id, job in self._tasks.items():
+            if task_id not in self._preempted:
+                self._preempted.add(task_id)
+                self.num_preempted += 1
+                job.cancel()
 
     def _guard(self, fn, *args):
         """A failing store (a full disk) must not end the loop: log, and try again on the next round."""
@@ -173,15 +202,17 @@ class BatchRunner:
     def _start(self, task: Task) -> None:
         self.in_flight[task.id] = task
         job = asyncio.get_running_loop().create_task(self._line(task), name=f"batch-line:{task.id}")
-        self._tasks.add(job)
-        job.add_done_callback(self._tasks.discard)
+        self._tasks[task.id] = job
+        job.add_done_callback(lambda _: self._tasks.pop(task.id, None))
 
     async def _line(self, task: Task) -> None:
         try:
             try:
                 result = await self.lines.run(task.payload)
             except asyncio.CancelledError:
-                raise
+                if task.id not in self._preempted:
+                    raise  # shutting down: the claim stays, and the next start takes it back
+                result = None  # preempted: back to the queue (the request was aborted in the engine)
             except Exception as e:  # noqa: BLE001 - recorded as that line's failure
                 logger.exception("batch line %s failed", task.id)
                 result = {
@@ -191,11 +222,13 @@ class BatchRunner:
                     "error": {"code": "server_error", "message": str(e)},
                 }
             if result is None:
-                self._retry_at = time.monotonic() + 1.0
+                if task.id not in self._preempted:  # the server said 429/503: give it a moment
+                    self._retry_at = time.monotonic() + 1.0
                 self._guard(self.queue.release, task)
             else:
                 self._guard(self.queue.finish, task, result)
                 self.num_finished += 1
         finally:
             self.in_flight.pop(task.id, None)
+            self._preempted.discard(task.id)
             self._changed.set()

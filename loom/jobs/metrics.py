@@ -64,6 +64,11 @@ class JobsCollector(Collector):
             "Batch lines this server ran and recorded since it started.",
             value=runner.num_finished if runner is not None else 0,
         )
+        yield CounterMetricFamily(
+            "loom_batch_requests_preempted",
+            "Batch lines aborted for an interactive request (and queued again) since the server started.",
+            value=runner.num_preempted if runner is not None else 0,
+        )
         runs = GaugeMetricFamily("loom_agent_runs", "Agent runs by status.", labels=["status"])
         for status, n in runs_by_status.items():
             runs.add_metric([status], n)

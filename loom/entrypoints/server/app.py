@@ -126,7 +126,7 @@ def make_jobs(state: ServerState, config: ServerConfig, tracing: Tracing | None)
         queue_url=config.job_queue,
         max_bytes=config.state_max_bytes,
         consumer=config.job_consumer or f"{socket.gethostname()}:{config.port}",
-        throttle=Throttle(config.batch_max_concurrency, config.batch_idle_s),
+        throttle=Throttle(config.batch_max_concurrency, config.batch_idle_s, config.batch_preempt),
         priority=config.batch_priority,
         api_key=config.api_key,
         model=state.model_name,

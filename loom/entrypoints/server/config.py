@@ -59,6 +59,8 @@ class ServerConfig:
     """Most batch lines running at once, when no interactive request is in flight (none start while one is)."""
     batch_idle_s: float = 0.25
     """Seconds without interactive requests before batch lines start again."""
+    batch_preempt: bool = True
+    """Abort running batch lines when an interactive request arrives; they go back to the queue (their prompt KV stays cached) and run again when the server is idle."""
     batch_priority: int = 10
     """Scheduling priority of batch lines that set none (larger runs later; the engine orders by it under --scheduling-policy priority)."""
     otlp_traces_endpoint: str | None = None
