@@ -4,6 +4,7 @@ download, list, cancel, and each kind of bad input (a 4xx naming the field, noth
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
 import openai
@@ -143,6 +144,28 @@ def test_cancel_keeps_answered_lines_and_reports_the_rest(servers):
     assert sorted(ids) == sorted(line["custom_id"] for line in lines[:16]), "every custom_id exactly once"
     assert errors and all(e["error"]["code"] == "batch_cancelled" for e in errors)
     assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling an ended batch changes nothing
+
+
+def test_interactive_requests_preempt_running_lines_which_run_again(servers):
+    server = servers["slow"]
+    client = server.openai()
+    lines = [chat_line(f"p{i}", p, max_tokens=300, ignore_eos=True) for i, p in enumerate(PROMPTS[:4])]
+    file = client.files.create(file=("p.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    before = server.metric("loom_batch_requests_preempted_total")
+    for _ in range(100):  # interactive requests until one lands while a line runs
+        if server.metric("loom_batch_requests_preempted_total") > before:
+            break
+        client.chat.completions.create(**chat_line("i", "interactive", max_tokens=2)["body"])
+        time.sleep(0.3)
+    assert server.metric("loom_batch_requests_preempted_total") > before
+    batch = wait_batch(client, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 4
+    output = read_jsonl(client.files.content(batch.output_file_id).text)
+    assert [o["custom_id"] for o in output] == ["p0", "p1", "p2", "p3"]
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 300 for o in output)
 
 
 def test_a_batch_past_its_window_expires(servers):
