@@ -126,9 +126,12 @@ def test_run_resumes_after_kill_9_from_its_unfinished_nodes(launch_server, tmp_p
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     restarted = launch_server("agent-resume-2", *flags).wait_ready()
-    with restarted.http() as http:
-        after = wait_run(http, run["id"], lambda r: r["status"] not in ("queued", "running"), timeout=300)
-        events = sse_events(http, run["id"])
+    try:
+        with restarted.http() as http:
+            after = wait_run(http, run["id"], lambda r: r["status"] not in ("queued", "running"), timeout=300)
+            events = sse_events(http, run["id"])
+    finally:
+        restarted.stop()
     assert after["status"] == "ok", after
     assert after["incarnation"] == 2
     assert after["outputs"]["first"] == before["outputs"]["first"]

@@ -34,7 +34,9 @@ def servers(launch_server, tmp_path_factory):
             "batch-quota", "--state-dir", str(state / "quota"), "--state-max-bytes", "262144"
         ),
     }
-    return {name: s.wait_ready() for name, s in started.items()} | {"state": state}
+    yield {name: s.wait_ready() for name, s in started.items()} | {"state": state}
+    for s in started.values():  # each idle server holds its model and KV pool: free them now
+        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -36,10 +36,18 @@ def test_kill_9_mid_batch_then_restart_answers_each_custom_id_once(launch_server
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     restarted = launch_server("crash-2", *flags).wait_ready()
+    try:
+        check_output(restarted, reference, batch.id, lines)
+    finally:
+        restarted.stop()
+        reference.stop()
+
+
+def check_output(restarted, reference, batch_id: str, lines: list[dict]) -> None:
     client = restarted.openai()
-    done_at_kill = client.batches.retrieve(batch.id).request_counts.completed
+    done_at_kill = client.batches.retrieve(batch_id).request_counts.completed
     assert 20 <= done_at_kill < N, f"the kill should land mid-batch ({done_at_kill} of {N} done)"
-    batch = wait_batch(client, batch.id, timeout=600)
+    batch = wait_batch(client, batch_id, timeout=600)
     assert batch.status == "completed", batch
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
         N,

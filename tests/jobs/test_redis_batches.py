@@ -10,8 +10,14 @@ def test_two_servers_share_one_batch_through_redis(launch_server, redis_url, tmp
     common = ("--job-queue", redis_url, "--batch-max-concurrency", "2", "--no-response-cache")
     owner = launch_server("redis-a", "--state-dir", str(tmp_path / "a"), *common)
     helper = launch_server("redis-b", "--state-dir", str(tmp_path / "b"), *common)
-    owner.wait_ready()
-    helper.wait_ready()
+    try:
+        run_shared_batch(owner.wait_ready(), helper.wait_ready())
+    finally:
+        owner.stop()
+        helper.stop()
+
+
+def run_shared_batch(owner, helper) -> None:
     client = owner.openai()
     lines = [chat_line(f"r{i:02d}", f"Shared question {i}", max_tokens=12) for i in range(40)]
     file = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
