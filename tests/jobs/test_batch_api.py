@@ -157,10 +157,12 @@ def test_interactive_requests_preempt_running_lines_which_run_again(servers):
         input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     before = server.metric("loom_batch_requests_preempted_total")
-    for _ in range(100):  # interactive requests until one lands while a line runs
+    for k in range(100):  # interactive requests until one lands while a line runs
         if server.metric("loom_batch_requests_preempted_total") > before:
             break
-        client.chat.completions.create(**chat_line("i", "interactive", max_tokens=2)["body"])
+        # A new prompt each time: a repeated one would be answered from the response cache, never
+        # reaching the engine (nor preempting anything).
+        client.chat.completions.create(**chat_line("i", f"interactive {k}", max_tokens=2)["body"])
         time.sleep(0.3)
     assert server.metric("loom_batch_requests_preempted_total") > before
     batch = wait_batch(client, batch.id)
