@@ -86,7 +86,7 @@ class Throttle:
 
     max_concurrency: int = 4
     """Most batch lines in flight when no interactive request is."""
-    idle_s: float = 0.25
+    idle_s: float = 1.0
     """Seconds without interactive requests before new batch lines start."""
     preempt: bool = True
     """Abort running lines when an interactive request arrives (they run again later)."""

@@ -20,13 +20,16 @@ def servers(launch_server, tmp_path_factory):
     state = tmp_path_factory.mktemp("batch-api")
     started = {
         "main": launch_server("batch-main", "--state-dir", str(state / "main"), "--no-response-cache"),
-        # One line at a time, so a cancel lands while most lines are still queued.
+        # One line at a time, so a cancel lands while most lines are still queued; a short idle wait, so
+        # lines start between the preemption test's interactive requests.
         "slow": launch_server(
             "batch-slow",
             "--state-dir",
             str(state / "slow"),
             "--batch-max-concurrency",
             "1",
+            "--batch-idle-s",
+            "0.25",
             "--max-file-bytes",
             "4096",
         ),

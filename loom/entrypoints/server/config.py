@@ -57,7 +57,7 @@ class ServerConfig:
     """This server's consumer name in the Redis queue (stable across restarts, so it takes back the lines it held); default <hostname>:<port>."""
     batch_max_concurrency: int = 4
     """Most batch lines running at once, when no interactive request is in flight (none start while one is)."""
-    batch_idle_s: float = 0.25
+    batch_idle_s: float = 1.0
     """Seconds without interactive requests before batch lines start again."""
     batch_preempt: bool = True
     """Abort running batch lines when an interactive request arrives; they go back to the queue (their prompt KV stays cached) and run again when the server is idle."""
