@@ -69,6 +69,17 @@ def traced(tiny_llama_dir: Path, tmp_path_factory):
     thread.join(30)
 
 
+def finished_spans(exporter, *names: str, timeout: float = 30.0) -> list:
+    """The exporter's spans once one of each name has ended (a server span ends just after its
+    response went out, so the client can be a moment ahead of it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = exporter.get_finished_spans()
+        if all(any(s.name == n for s in spans) for n in names) or time.monotonic() > deadline:
+            return list(spans)
+        time.sleep(0.05)
+
+
 def test_agent_run_is_one_trace_nesting_run_node_http_engine(traced):
     url, exporter = traced
     exporter.clear()
@@ -78,8 +89,7 @@ def test_agent_run_is_one_trace_nesting_run_node_http_engine(traced):
         while http.get(f"/v1/agent/runs/{run['id']}").json()["status"] in ("queued", "running"):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-    time.sleep(0.2)  # the run span ends just after the status is stored
-    spans = exporter.get_finished_spans()
+    spans = finished_spans(exporter, "agent.run traced")  # it ends just after the status is stored
     by_id = {s.context.span_id: s for s in spans}
     (run_span,) = [s for s in spans if s.name == "agent.run traced"]
     trace_id = run_span.context.trace_id
@@ -118,7 +128,7 @@ def test_client_traceparent_becomes_the_parent(traced):
     body = {"model": "loom-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     r = httpx.post(url + "/v1/chat/completions", json=body, headers={"traceparent": TRACEPARENT}, timeout=60)
     assert r.status_code == 200
-    spans = exporter.get_finished_spans()
+    spans = finished_spans(exporter, "POST /v1/chat/completions", "llm_request")
     (http_span,) = [s for s in spans if s.name == "POST /v1/chat/completions"]
     assert format(http_span.context.trace_id, "032x") == TRACE_ID
     assert format(http_span.parent.span_id, "016x") == PARENT_ID
