@@ -9,14 +9,20 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: serve demo test bench lint
+.PHONY: serve demo test bench lint redis-server
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,ray]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,tracing,redis]'
 	touch $@
+
+# The Redis queue's tests start a real redis-server (Debian's package); installed once, as root or via sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 serve: $(BIN)/.installed
 	$(BIN)/loom serve $(ARGS)
@@ -24,7 +30,7 @@ serve: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/loom generate --chat "Hello, who are you?" "Plan a trip to Paris." $(ARGS)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed redis-server
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(BIN)/.installed

@@ -32,3 +32,24 @@ class EngineDeadError(LoomError):
 class RequestFailed(LoomError):
     """The engine failed while running this one request (the others went on): our fault, not the
     caller's (HTTP 500)."""
+
+
+class NotFound(LoomError):
+    """A named object (file, batch, agent run) does not exist (HTTP 404).
+
+    `param` names the field or path segment that held the unknown id.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class StorageFull(LoomError):
+    """The durable job state could not be written: the disk (or the --state-max-bytes quota) is full
+    (HTTP 507). Whatever the failed write belonged to was rolled back; the queue is intact."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

@@ -23,6 +23,7 @@ from loom.frontend.chat import render_chat
 from loom.frontend.input_processor import ProcessedRequest
 from loom.frontend.tool_parsers import ToolCallStream
 from loom.sampling_params import SamplingParams
+from loom.tracing import trace_headers
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,8 @@ class OpenAIClient:
         if tools:
             kwargs["tools"] = tools
         kwargs.update(model=await self._model(), messages=messages, extra_body=extra or None)
+        # The current span (a workflow node's) as `traceparent`, so the server's spans join the run's trace.
+        kwargs["extra_headers"] = trace_headers() or None
         if on_token is None:
             return _from_response(await self.client.chat.completions.create(**kwargs))
         stream = await self.client.chat.completions.create(

@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +118,18 @@ class Runtime:
         *,
         policy: str = FAIL_FAST,
         deadline: float | None = None,
+        tracer: Any = None,
     ):
         self.client = client
         self.tools = tools if tools is not None else ToolRegistry()
         self.policy = policy
         self.deadline = deadline
+        self.tracer = tracer
+        """A loom.tracing.Tracing (anything with `span(name, attributes)`): a span per run and per node,
+        current while it runs, so the node's model calls nest under it. None traces nothing."""
+
+    def span(self, name: str, attributes: dict[str, Any]) -> Any:
+        return self.tracer.span(name, attributes) if self.tracer is not None else nullcontext()
 
     def start(
         self,
@@ -132,11 +140,13 @@ class Runtime:
         deadline: float | None = None,
         program_id: str | None = None,
         on_event: EventCallback | None = None,
+        completed: Mapping[str, Any] | None = None,
     ) -> RunHandle:
         """Validate, then start the run on the running event loop.
 
         Everything that can be wrong before running (graph, inputs, tools, missing client) raises
         WorkflowError here, before any node starts. `deadline` is seconds for the whole run.
+        `completed` resumes an interrupted run: those nodes' outputs, kept from before, are not run again.
         """
         policy = policy or self.policy
         if policy not in POLICIES:
@@ -152,6 +162,7 @@ class Runtime:
         for name in order:
             record.nodes[name] = NodeRecord(name, workflow.nodes[name].kind, list(workflow.nodes[name].deps))
         run = _Run(self, workflow, order, resolved, policy, record, EventLog(on_event))
+        run.completed = {k: v for k, v in (completed or {}).items() if k in workflow.nodes}
         deadline = deadline if deadline is not None else self.deadline
         return RunHandle(run, asyncio.get_running_loop().create_task(run.execute(deadline)))
 
@@ -185,6 +196,7 @@ class _Run:
         self.cancel_requested = asyncio.Event()
         self.outputs: dict[str, Any] = {}
         self.errors: dict[str, BaseException] = {}
+        self.completed: dict[str, Any] = {}
         self._t0 = time.monotonic()
 
     def now(self) -> float:
@@ -194,10 +206,22 @@ class _Run:
         self.log.emit(Event(kind, self.now(), node, data))
 
     async def execute(self, deadline: float | None) -> RunResult:
+        attributes = {"loom.run.id": self.record.run_id, "loom.program.id": self.record.program_id}
+        with self.runtime.span(f"agent.run {self.workflow.name}", attributes):
+            return await self._execute(deadline)
+
+    async def _execute(self, deadline: float | None) -> RunResult:
         self._t0 = time.monotonic()
         self.emit("run_started", program_id=self.record.program_id, nodes=self.order)
         waiting = {name: set(self.workflow.nodes[name].deps) for name in self.order}
         dependents = self.workflow.dependents()
+        for name in [n for n in self.order if n in self.completed]:
+            del waiting[name]
+            self.outputs[name] = self.completed[name]
+            self.record.nodes[name].status = "ok"
+            self.emit("node_finished", name, output=self.completed[name], attempts=0, resumed=True)
+            for child in dependents[name]:
+                waiting.get(child, set()).discard(name)
         running: dict[asyncio.Task, str] = {}
         status = "ok"
 
@@ -312,6 +336,10 @@ class _Run:
     async def _node(self, name: str) -> Any:
         """All attempts of one node; returns its output or raises its last error."""
         node = self.workflow.nodes[name]
+        with self.runtime.span(f"agent.node {name}", {"loom.node.name": name, "loom.node.kind": node.kind}):
+            return await self._attempts(name, node)
+
+    async def _attempts(self, name: str, node: Any) -> Any:
         rec = self.record.nodes[name]
         rec.status, rec.start = "running", self.now()
         values = {INPUT: self.inputs, **{dep: self.outputs[dep] for dep in node.deps}}

@@ -11,6 +11,7 @@ from loom.agent.cli import add_run_parser
 from loom.bench.cli import add_bench_parser
 from loom.config import EngineConfig, add_config_args, config_from_args
 from loom.entrypoints.server.cli import add_serve_parser
+from loom.jobs.offline import add_run_batch_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_run_parser(sub)
+    add_run_batch_parser(sub)
     add_bench_parser(sub)
     return parser
 

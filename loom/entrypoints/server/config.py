@@ -49,6 +49,26 @@ class ServerConfig:
     """Most bytes of answers the response cache holds; the least recently used go first."""
     response_cache_ttl_s: float = 600.0
     """Seconds a cached answer may be served."""
+    state_dir: str | None = None
+    """Directory of the durable job state (SQLite in WAL mode, uploaded and output files); default <user cache>/loom/state/<host>_<port>. Batches and agent runs in it resume when a server starts on it again."""
+    state_max_bytes: int | None = None
+    """Most bytes the state directory may hold (files and database); past it, writes get 507. None: as much as the disk holds."""
+    max_file_bytes: int = 200 * 2**20
+    """Largest file upload (POST /v1/files) accepted, in bytes; larger ones get 413 before their body is read."""
+    job_queue: str | None = None
+    """Where batch lines queue: None (the SQLite database under --state-dir) or a redis:// URL, for several servers sharing batch work through Redis Streams."""
+    job_consumer: str | None = None
+    """This server's consumer name in the Redis queue (stable across restarts, so it takes back the lines it held); default <hostname>:<port>."""
+    batch_max_concurrency: int = 4
+    """Most batch lines running at once, when no interactive request is in flight (none start while one is)."""
+    batch_idle_s: float = 1.0
+    """Seconds without interactive requests before batch lines start again."""
+    batch_preempt: bool = True
+    """Abort running batch lines when an interactive request arrives; they go back to the queue (their prompt KV stays cached) and run again when the server is idle."""
+    batch_priority: int = 10
+    """Scheduling priority of batch lines that set none (larger runs later; the engine orders by it under --scheduling-policy priority)."""
+    otlp_traces_endpoint: str | None = None
+    """Export OpenTelemetry traces over OTLP/HTTP to this collector URL (e.g. http://localhost:4318); off when unset (needs the `tracing` extra)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequest:
@@ -56,7 +76,7 @@ class ServerConfig:
 
         if not 0 <= self.port <= 65535:
             raise bad("port", f"must be in [0, 65535], got {self.port}")
-        for name in ("max_waiting", "max_body_bytes", "max_prompt_chars", "max_n"):
+        for name in ("max_waiting", "max_body_bytes", "max_prompt_chars", "max_n", "max_file_bytes", "batch_max_concurrency"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
@@ -75,6 +95,12 @@ class ServerConfig:
             raise bad("response_cache_max_bytes", f"must be >= 1, got {self.response_cache_max_bytes}")
         if self.response_cache_ttl_s <= 0:
             raise bad("response_cache_ttl_s", f"must be > 0, got {self.response_cache_ttl_s}")
+        if self.state_max_bytes is not None and self.state_max_bytes < 1:
+            raise bad("state_max_bytes", f"must be >= 1, got {self.state_max_bytes}")
+        if self.batch_idle_s < 0:
+            raise bad("batch_idle_s", f"must be >= 0, got {self.batch_idle_s}")
+        if self.job_queue is not None and not self.job_queue.startswith(("redis://", "rediss://", "unix://")):
+            raise bad("job_queue", f"must be a redis:// URL (or unset for SQLite), got {self.job_queue!r}")
         if self.api_key == "":
             raise bad("api_key", "must not be empty (leave it unset to disable authentication)")
         for name in self.host_allow_list() or ():

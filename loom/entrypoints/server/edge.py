@@ -18,6 +18,7 @@ from loom.entrypoints.server.errors import (
     PayloadTooLarge,
     error_response,
 )
+from loom.entrypoints.server.files import FILES_PATH
 from loom.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -85,11 +86,18 @@ class EdgeGuard:
     """
 
     def __init__(
-        self, app: ASGIApp, api_key: str | None, max_body_bytes: int, hosts: HostAllowList | None = None
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        max_body_bytes: int,
+        hosts: HostAllowList | None = None,
+        max_file_bytes: int | None = None,
     ):
         self.app = app
         self.api_key = api_key.encode() if api_key is not None else None
         self.max_body_bytes = max_body_bytes
+        self.max_file_bytes = max_file_bytes if max_file_bytes is not None else max_body_bytes
+        """The body limit of a file upload (POST /v1/files), which may be larger than a request's."""
         # With a key, a rebinding page cannot authenticate, so the Host check is only for keyless servers.
         self.hosts = hosts if api_key is None else None
 
@@ -129,7 +137,8 @@ class EdgeGuard:
             raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Receive:
-        limit = self.max_body_bytes
+        upload = scope["path"] == FILES_PATH and scope["method"] == "POST"
+        limit = self.max_file_bytes if upload else self.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:

@@ -16,7 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loom.errors import ContextLengthExceeded, EngineDeadError, InvalidRequest, LoomError, RequestFailed
+from loom.errors import (
+    ContextLengthExceeded,
+    EngineDeadError,
+    InvalidRequest,
+    LoomError,
+    NotFound,
+    RequestFailed,
+    StorageFull,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,7 @@ _MAPPING: list[tuple[type[BaseException], _Status]] = [
     (HostNotAllowed, _Status(400, "invalid_request_error", "host_not_allowed")),
     (AuthenticationError, _Status(401, "authentication_error", "invalid_api_key")),
     (ModelNotFound, _Status(404, "invalid_request_error", "model_not_found")),
+    (NotFound, _Status(404, "invalid_request_error", "not_found")),
     (PayloadTooLarge, _Status(413, "invalid_request_error", "request_too_large")),
     (TooManyRequests, _Status(429, "rate_limit_error", "rate_limit_exceeded")),
     (ClientDisconnected, _Status(499, "client_closed_request")),
@@ -82,6 +91,7 @@ _MAPPING: list[tuple[type[BaseException], _Status]] = [
     (EngineDeadError, _Status(503, "service_unavailable_error", "engine_dead")),
     # The engine isolated a failure to this request: our fault, reported with what failed.
     (RequestFailed, _Status(500, "internal_server_error")),
+    (StorageFull, _Status(507, "server_error", "insufficient_storage")),
 ]
 _INTERNAL = _Status(500, "internal_server_error")
 

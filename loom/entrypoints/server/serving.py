@@ -31,6 +31,7 @@ from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.truncation import check_policy
 from loom.outputs import RequestOutput
 from loom.tokenizer import Tokenizer
+from loom.tracing import NO_TRACING
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class ServerState:
         self.on_fatal: Callable[[], None] | None = None
         """Set by `loom serve`: end the process with a non-zero status (the engine died)."""
         self._frontend_pool = ThreadPoolExecutor(FRONTEND_WORKERS, thread_name_prefix="loom-frontend")
+        self.tracing = NO_TRACING  # create_app turns it on (--otlp-traces-endpoint)
         self.created = int(time.time())
         self.draining = False
         self._drain_timeout = 0.0
@@ -235,9 +237,11 @@ class ServerState:
         async def pump(i: int, job: ProcessedRequest) -> None:
             tracker = self.metrics.track(job.params.n)
             try:
-                async for out in self.engine.generate(job):
-                    tracker.on_output(out)
-                    queue.put_nowait((i, out))
+                with self.tracing.engine_request(job, self.model_name) as span:
+                    async for out in self.engine.generate(job):
+                        tracker.on_output(out)
+                        span.on_output(out)
+                        queue.put_nowait((i, out))
                 queue.put_nowait((i, done))
             except BaseException as e:
                 tracker.on_abort()
