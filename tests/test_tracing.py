@@ -192,7 +192,7 @@ async def main():
     assert app.state.loom.tracing is NO_TRACING
     async with app.router.lifespan_context(app):
         await asyncio.to_thread(app.state.loom.engine.wait_ready)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             r = await c.post("/v1/completions", json={{"prompt": "a", "max_tokens": 2}},
                              headers={{"traceparent": {TRACEPARENT!r}}})
             assert r.status_code == 200, r.text

@@ -41,6 +41,14 @@ class EngineCore:
         self.model_config = mcfg = self.runner.model_config
         self.vocab_size = mcfg.vocab_size
         max_len = config.max_model_len or mcfg.max_position_embeddings
+        if max_len > mcfg.max_position_embeddings:
+            # Positions past the model's rotary table were never trained (and are not in it).
+            logger.warning(
+                "max_model_len %d exceeds the model's max_position_embeddings %d; capping it",
+                max_len,
+                mcfg.max_position_embeddings,
+            )
+            max_len = mcfg.max_position_embeddings
         pool_tokens = self.runner.num_blocks * config.block_size
         if max_len > pool_tokens:
             logger.warning(

@@ -64,7 +64,7 @@ def render_chat(
     ip.check_chars(_num_chars(messages, tools), "messages")
     tokenizer = ip.tokenizer
     prompt = ChatPrompt(token_ids=[])
-    images = []
+    images, image_tokens = [], 0
     if has_image_parts(messages):
         if ip.multimodal is None:
             raise InvalidRequest(
@@ -76,7 +76,8 @@ def render_chat(
                 f"truncation {truncation!r} is not supported for prompts with images", param="truncation"
             )
         messages, images = ip.multimodal.prepare_messages(messages)
-        budget -= ip.multimodal.extra_tokens(images)
+        image_tokens = ip.multimodal.extra_tokens(images)
+        budget -= image_tokens
     if tools is not None and tool_call_parser != "none":
         prompt.tool_names = {t["function"]["name"] for t in tools}
         prompt.parser = tool_call_parser
@@ -93,7 +94,9 @@ def render_chat(
     # The prefill starts with a special token, so encoding it apart gives the same ids; it is kept
     # whatever the policy cuts.
     prefill = tokenizer.encode(prompt.prefill, add_special_tokens=False) if prompt.prefill else []
-    fitted = fit_chat(tokenizer, messages, tools, budget - len(prefill), ip.max_model_len, truncation)
+    fitted = fit_chat(
+        tokenizer, messages, tools, budget - len(prefill), ip.max_model_len, truncation, image_tokens
+    )
     prompt.token_ids = fitted.prompt_token_ids + prefill
     if ip.multimodal is not None:
         ids, prompt.images, positions, delta = ip.multimodal.finalize(prompt.token_ids, images)

@@ -76,7 +76,14 @@ class ServerConfig:
 
         if not 0 <= self.port <= 65535:
             raise bad("port", f"must be in [0, 65535], got {self.port}")
-        for name in ("max_waiting", "max_body_bytes", "max_prompt_chars", "max_n", "max_file_bytes", "batch_max_concurrency"):
+        for name in (
+            "max_waiting",
+            "max_body_bytes",
+            "max_prompt_chars",
+            "max_n",
+            "max_file_bytes",
+            "batch_max_concurrency",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
