@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from loom.errors import ModelLoadError
-from loom.layers.quant import lm_head_method, linear_method, process_linears, weight_bytes
+from loom.layers.quant import LinearMethod, linear_method, lm_head_method, process_linears, weight_bytes
 from loom.models.config import ModelConfig
 from loom.models.registry import model_class
 
@@ -58,10 +58,12 @@ def load_model(
     quantization: str | None = None,
     group_size: int = 128,
     reference: bool = False,
+    lm_head: LinearMethod | None = None,
 ) -> nn.Module:
     """Build the model, load the float checkpoint, then let every linear's method process its weight once
     (quantize, or prepack): the float copies are freed as each layer is converted. `reference` gives each
-    linear its method's plain-PyTorch twin instead (for tests)."""
+    linear its method's plain-PyTorch twin instead (for tests); `lm_head` overrides the output projection's
+    method (for benchmarks that measure the choice)."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     cls = model_class(cfg.architecture)
@@ -71,7 +73,8 @@ def load_model(
         model = cls(cfg)
     load_weights(model, path, dtype)
     before = weight_bytes(model)
-    counts = process_linears(model, method, lm_head_method(quantization, method), reference=reference)
+    lm_head = lm_head or lm_head_method(quantization, method)
+    counts = process_linears(model, method, lm_head, reference=reference)
     logger.info(
         "linear methods %s; weights %.1f MiB -> %.1f MiB", counts, before / 2**20, weight_bytes(model) / 2**20
     )

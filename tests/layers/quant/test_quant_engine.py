@@ -114,6 +114,7 @@ def test_quantized_engine_matches_twin_and_stays_near_float(arch_runs, case):
 
     model = llm.engine.runner.model
     assert all(m.method.name == quantization and m.weight.numel() == 0 for m in decoder_linears(model))
+    assert model.lm_head.method.name == "int8"  # int8 even in an int4 model: see lm_head_method
     # Decoder weights went from 4 bytes to 1 (int8) or 1/2 (int4) plus scales (and, on tied llama, an
     # int8 copy of the embedding for lm_head is added); embeddings, norms and rotary tables stay float.
     saved = float_bytes - weight_bytes(model)
