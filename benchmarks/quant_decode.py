@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,20 @@ def hf_runner(path: Path, dtype: str):
     return generate, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def rss_growth_mib(path: Path, dtype: str, quantization: str | None, group_size: int) -> float:
+    """Resident memory a fresh process gains by building the engine (weights, a small KV pool, buffers):
+    what the weights really cost once the float copies are freed."""
+    code = (
+        "import os; from loom import LLM; page = os.sysconf('SC_PAGE_SIZE'); "
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * page; before = rss(); "
+        f"LLM({str(path)!r}, dtype={dtype!r}, quantization={quantization!r}, "
+        f"quantization_group_size={group_size}, num_blocks=32, num_threads=1); "
+        "print((rss() - before) / 2**20)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def decode_tok_s(generate, prompt: list[int], n: int) -> float:
     t0 = time.perf_counter()
     generate(prompt, 1)
@@ -154,21 +169,36 @@ def main() -> int:
                 tok_s = decode_tok_s(generate, prompt, args.tokens)
                 best[key] = max(best.get(key, 0.0), tok_s)
                 print(f"{name} round {r} {key}: {tok_s:.1f} tok/s", flush=True)
-        for key, (_, nbytes) in runners.items():
-            results.append({"model": name, "system": key, "tok_s": best[key], "weight_MiB": nbytes / 2**20})
+        for (system, dtype, quantization, group_size), (key, (_, nbytes)) in zip(
+            SYSTEMS, runners.items(), strict=True
+        ):
+            rss = rss_growth_mib(path, dtype, quantization, group_size) if system == "loom" else None
+            results.append(
+                {
+                    "model": name,
+                    "system": key,
+                    "tok_s": best[key],
+                    "weight_MiB": nbytes / 2**20,
+                    "rss_MiB": rss,
+                }
+            )
         del runners
     load_after = os.getloadavg()
 
     print(f"\nload average before {load[0]:.1f} / after {load_after[0]:.1f}, {args.threads} threads\n")
-    print("| model | system | weights MiB | decode tok/s | vs HF same dtype | vs loom bf16 |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| model | system | weights MiB | engine RSS MiB | decode tok/s | vs HF same dtype | vs loom bf16 |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         same = [x for x in results if x["model"] == r["model"]]
         by = {x["system"]: x["tok_s"] for x in same}
         dtype = "float32" if "float32" in r["system"] else "bfloat16"
         hf = by.get(f"hf {dtype}")
         print(
-            f"| {r['model']} | {r['system']} | {r['weight_MiB']:.0f} | {r['tok_s']:.1f} "
+            f"| {r['model']} | {r['system']} | {r['weight_MiB']:.0f} | "
+            + (f"{r['rss_MiB']:.0f}" if r["rss_MiB"] is not None else "")
+            + f" | {r['tok_s']:.1f} "
             f"| {r['tok_s'] / hf:.2f}x | {r['tok_s'] / by['loom bfloat16']:.2f}x |"
         )
     if args.json:
