@@ -16,6 +16,8 @@ from loom.errors import InvalidRequest
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULING_POLICIES = ("fcfs", "priority", "program")
+QUANTIZATIONS = ("int8", "int4")
+QUANTIZATION_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
@@ -76,6 +78,10 @@ class EngineConfig:
     """Speculative decoding without a draft model, as JSON: {"method": "ngram" (prompt lookup) or "suffix" (also the earlier requests of the agent program), "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b, "adaptive": true, "disable_by_batch_size": 0}; greedy output is unchanged, sampled output keeps its distribution."""
     step_timeout_s: float = 600.0
     """Seconds one engine step may run before the engine is declared hung: every request in flight fails and the server exits non-zero (so a supervisor restarts it); 0 disables the watchdog."""
+    quantization: str | None = None
+    """Weight-only quantization of the linear layers, done at load from the float checkpoint: int8 (one scale per output channel) or int4 (groups of quantization_group_size input channels, scale and zero point); None keeps float weights. CPU only; activations stay in dtype."""
+    quantization_group_size: int = 128
+    """Input channels sharing one int4 scale and zero point: 32, 64 or 128 (smaller is more accurate and a little larger)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequest:
@@ -112,6 +118,13 @@ class EngineConfig:
             )
         if self.step_timeout_s < 0:
             raise bad("step_timeout_s", f"must be >= 0, got {self.step_timeout_s}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise bad("quantization", f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
+            raise bad(
+                "quantization_group_size",
+                f"must be one of {QUANTIZATION_GROUP_SIZES}, got {self.quantization_group_size}",
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -60,7 +60,9 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_dir(model_path)
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
-        self.model = load_model(model_path, self.dtype, self.device)
+        self.model = load_model(
+            model_path, self.dtype, self.device, config.quantization, config.quantization_group_size
+        )
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         cfg = self.model_config
