@@ -8,9 +8,13 @@ of them by the frontend, which also gathers their outputs back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loom.outputs import TokenLogprobs
 from loom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loom.engine.structured import CompiledGrammar
 
 
 @dataclass(slots=True)
@@ -29,6 +33,9 @@ class EngineRequest:
     parent_id: str | None = None
     """The caller's request id when this is one of its n sequences (program scheduling groups by it)."""
     arrival_time: float | None = None
+    grammar: CompiledGrammar | None = None
+    """The grammar the output must match (compiled by the frontend); the engine runs one matcher per
+    sequence from it."""
 
 
 @dataclass(slots=True)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from loom.engine.io import EngineRequest
 from loom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loom.engine.structured import GrammarMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -63,6 +67,7 @@ class Request:
         "first_scheduled_time",
         "first_token_time",
         "num_blocks_sent",
+        "grammar",
     )
 
     def __init__(
@@ -96,6 +101,8 @@ class Request:
         self.first_token_time: float | None = None
         self.num_blocks_sent = -1
         """Block ids the runner holds for it; -1 while the runner does not hold the request at all."""
+        self.grammar: GrammarMatcher | None = None
+        """Its grammar state, advanced with each output token (see loom/engine/structured/engine.py)."""
 
     @classmethod
     def from_engine_request(cls, er: EngineRequest, device: torch.device) -> Request:
@@ -103,7 +110,7 @@ class Request:
         if er.seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(er.seed)
-        return cls(
+        req = cls(
             er.request_id,
             list(er.prompt_token_ids),
             er.params,
@@ -113,6 +120,9 @@ class Request:
             generator=generator,
             eos_token_ids=er.eos_token_ids,
         )
+        if er.grammar is not None:
+            req.grammar = er.grammar.matcher()
+        return req
 
     @property
     def num_tokens(self) -> int:

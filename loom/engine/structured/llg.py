@@ -15,7 +15,7 @@ import llguidance
 from loom.engine.structured.spec import ANY_OBJECT_SCHEMA, GrammarSpec
 from loom.errors import InvalidRequest
 
-# The tags loom's hermes tool parser reads (loom/entrypoints/server/tool_parsers.py; the engine does not
+# The tags loom's hermes tool parser reads (loom/frontend/tool_parsers.py; the engine does not
 # import the server, and the tests parse every generated call with that parser).
 HERMES_START = "<tool_call>"
 HERMES_END = "</tool_call>"

@@ -20,6 +20,7 @@ from loom.entrypoints.server.edge import OPEN_PATHS, EdgeGuard, HostAllowList
 from loom.entrypoints.server.errors import install_error_handlers
 from loom.entrypoints.server.openapi import errors, install_openapi, streamed
 from loom.entrypoints.server.serving import ServerState
+from loom.entrypoints.server.tokenize import install_tokenizer_routes
 
 logger = logging.getLogger(__name__)
 
@@ -119,5 +120,6 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig | None =
         state.engine.release_program(program_id)
         return {"released": True}
 
+    install_tokenizer_routes(app, state)
     install_openapi(app, state.model_name, api_key=server_config.api_key is not None, open_paths=OPEN_PATHS)
     return app

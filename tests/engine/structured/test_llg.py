@@ -14,7 +14,7 @@ from grammar_walk import walk, walk_text
 
 from loom.engine.structured import GrammarSpec, request_grammar
 from loom.engine.structured.requests import ANY_WHITESPACE
-from loom.entrypoints.server.tool_parsers import parse_tool_calls
+from loom.frontend.tool_parsers import parse_tool_calls
 
 WALKS = 6  # per grammar: even seeds sample from random logits at temperature 1, odd ones uniformly
 
