@@ -3,16 +3,23 @@ so tests drive the real step loop (schedule -> runner -> update_from_output) thr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from weakref import WeakKeyDictionary
+
+import pytest
+import torch
 
 from loom.config import EngineConfig
 from loom.engine.request import Request
 from loom.engine.runner_state import RequestStates
 from loom.engine.scheduler import Scheduler
 from loom.engine.step import ModelRunnerOutput, SchedulerOutput
+from loom.engine.structured import GrammarCompiler
 from loom.kv.manager import KVCacheManager
 from loom.sampling_params import SamplingParams
+from loom.tokenizer import Tokenizer
 
 BS = 4
 
@@ -117,3 +124,27 @@ def run_step(sched: Scheduler) -> Step:
 
 def step(sched: Scheduler) -> list[tuple[str, int]]:
     return run_step(sched).plan
+
+
+# ---- structured output (tests/engine/structured): the tiny tokenizer and one compiler per session ------
+# Here rather than in a conftest of that directory: the engine tests import this file's helpers as
+# `conftest`, and a second conftest.py below would take that name when its directory is collected first.
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_llama_dir: Path) -> Tokenizer:
+    return Tokenizer(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def compiler(tokenizer: Tokenizer) -> Iterator[GrammarCompiler]:
+    compiler = GrammarCompiler(tokenizer)
+    yield compiler
+    compiler.close()
+
+
+@pytest.fixture(scope="session")
+def closers(tokenizer: Tokenizer, compiler: GrammarCompiler) -> torch.Tensor:
+    from grammar_walk import closing_tokens  # tests/engine/structured is on sys.path once its tests load
+
+    return closing_tokens(tokenizer, compiler.vocab_size)
