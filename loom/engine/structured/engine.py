@@ -54,6 +54,9 @@ class StepBitmask:
                 mask_rows.extend(range(start, start + count))
         if not logit_rows:
             return
+        if logit_rows == mask_rows:  # the usual case: the rows are already where apply_bitmask wants them
+            apply_bitmask(logits, self.bitmask, logit_rows)
+            return
         # apply_bitmask pairs bitmask row r with logits row r: lay the request's rows out that way.
         aligned = torch.full((logits.shape[0], self.bitmask.shape[1]), -1, dtype=torch.int32)
         aligned[logit_rows] = self.bitmask[mask_rows]

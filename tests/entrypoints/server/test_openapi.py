@@ -30,6 +30,10 @@ def test_document_lists_the_answers_the_server_gives(server):
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/programs/{program_id}/release",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/version",
     }
     for path, operations in paths.items():
         for operation in operations.values():
