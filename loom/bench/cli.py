@@ -152,6 +152,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         write_json(result, args.json_out)
     if args.png_out:
         plot_result(result, args.png_out)
+    if result["failed"]:
+        # A benchmark that lost requests measured something else than it says: fail loudly (after writing
+        # the results, which hold each failure's error).
+        first = next((r["error"] for r in result.get("requests", []) if r.get("error")), None)
+        raise SystemExit(
+            f"loom bench serve: {result['failed']} of {result['num_requests']} requests failed"
+            + (f"; first error: {first}" if first else "")
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

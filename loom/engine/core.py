@@ -14,6 +14,7 @@ from loom.engine.request import Request, RequestStatus
 from loom.engine.runner import ModelRunner
 from loom.engine.scheduler import Scheduler, SchedulerStats
 from loom.engine.step import SchedulerOutput
+from loom.engine.structured.engine import StepBitmask, StructuredOutputManager
 from loom.errors import InvalidRequest
 from loom.kv.manager import KVCacheManager
 
@@ -67,6 +68,7 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.stats = SchedulerStats()
         self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.stats)
+        self.structured = StructuredOutputManager(self.vocab_size)
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -115,16 +117,19 @@ class EngineCore:
                 self.runner.forget(sched.finished_req_ids)
             return []
         self.runner.update_states(sched)
+        grammar = self.structured.bitmask_for(sched, self.scheduler.requests)
         try:
-            result = self.runner.run(sched.num_scheduled_tokens, sched.spec_token_ids)
+            result = self.runner.run(sched.num_scheduled_tokens, sched.spec_token_ids, grammar)
         except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
             logger.warning(
                 "a step of %d requests failed (%s); isolating", len(sched.num_scheduled_tokens), error
             )
-            return self._isolate(sched, error)
+            return self._isolate(sched, error, grammar)
         return self.scheduler.update_from_output(sched, result)
 
-    def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
+    def _isolate(
+        self, sched: SchedulerOutput, error: Exception, grammar: StepBitmask | None = None
+    ) -> list[EngineCoreOutput]:
         """A step failed: find the requests at fault by bisection and fail only them.
 
         The runner is all-or-nothing (no state moves, seeded generators restored), so each half is run
@@ -148,7 +153,7 @@ class EngineCore:
                     spec_token_ids={r: d for r, d in sched.spec_token_ids.items() if r in dict(batch)},
                 )
                 try:
-                    result = self.runner.run(part.num_scheduled_tokens, part.spec_token_ids)
+                    result = self.runner.run(part.num_scheduled_tokens, part.spec_token_ids, grammar)
                 except Exception as e:  # noqa: BLE001 - narrowed down below
                     if len(batch) > 1:
                         mid = len(batch) // 2

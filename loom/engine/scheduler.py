@@ -26,6 +26,7 @@ from loom.engine.io import EngineCoreOutput
 from loom.engine.request import FINISH_REASONS, Request, RequestStatus
 from loom.engine.spec_decode import make_proposer
 from loom.engine.step import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from loom.engine.structured.engine import accept_token, grammar_error, valid_draft
 from loom.errors import InvalidRequest
 from loom.kv.manager import NO_HIT, KVCacheManager, PrefixHit
 
@@ -243,7 +244,8 @@ class Scheduler:
         )
         if limit <= 0:
             return []
-        return self.proposer.propose(req.request_id, req.all_token_ids, limit, req.program_id)
+        draft = self.proposer.propose(req.request_id, req.all_token_ids, limit, req.program_id)
+        return valid_draft(req, draft)  # a draft the grammar refuses would be rejected anyway
 
     def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> SchedulerOutput:
         out = SchedulerOutput(preempted_req_ids=[r.request_id for r in preempted])
@@ -400,6 +402,8 @@ class Scheduler:
                     if status is not None:
                         self.finish(req, status)
                         out.finish_reason, out.stop_reason = FINISH_REASONS[status], req.stop_reason
+                        if status == RequestStatus.FINISHED_ERROR:
+                            out.error = grammar_error(req)
                         break
             out.first_token_time = req.first_token_time
             outputs.append(out)
@@ -424,11 +428,16 @@ class Scheduler:
             req.first_token_time = now
         req.append_token(token)
         self.stats.num_generated_tokens += 1
+        grammar = accept_token(req, token) if req.grammar is not None else None
+        if grammar == RequestStatus.FINISHED_ERROR:
+            return grammar
         if token in req.params.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
         if token in req.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
+        if grammar is not None:  # the output is complete: only EOS could follow
+            return grammar
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -99,7 +99,7 @@ class LLM:
         requests = []
         for conversation, p in zip(conversations, params, strict=True):
             budget = self.input.prompt_budget(p.max_tokens)
-            prompt = render_chat(self.input, conversation, tools, None, "none", budget, "error")
+            prompt = render_chat(self.input, conversation, tools, "none", budget, "error")
             requests.append(
                 self.input.process(
                     str(next(self._ids)), prompt.token_ids, p, images=prompt.images, mrope=prompt.mrope

@@ -17,11 +17,13 @@ import torch
 class GrammarMatcher:
     """The grammar state of one sequence (a thin wrapper over llguidance.LLMatcher)."""
 
-    __slots__ = ("_m", "_num_tokens")
+    __slots__ = ("_m", "_num_tokens", "failure")
 
     def __init__(self, matcher: llguidance.LLMatcher, num_tokens: int = 0):
         self._m = matcher
         self._num_tokens = num_tokens
+        self.failure: str | None = None
+        """Why the engine gave up on this matcher (a refused token, a failed mask), besides `error`."""
 
     def accept_token(self, token_id: int) -> bool:
         """Advance by one token. False if the grammar forbids it here; the state is then unchanged.
@@ -73,6 +75,10 @@ class GrammarMatcher:
         A failed matcher allows only EOS, so its sequence ends; the caller should report the error.
         """
         return self._m.get_error() or None
+
+    def fail(self, why: str) -> None:
+        """Mark the matcher failed: its sequence ends with an error saying why."""
+        self.failure = self.failure or why
 
     def fork(self) -> GrammarMatcher:
         """An independent copy of this state (the other completions of an n > 1 request)."""

@@ -145,6 +145,19 @@ class SamplingRequest(OpenAIModel):
     """What to do if the prompt does not fit (error, left, drop_turns); None: the server's --truncation."""
     cache: bool | None = None
     """False: this request neither reads nor fills the response cache."""
+    bad_words: list[str] | None = None
+    """vLLM: words the output may not contain (their last token is banned after the others)."""
+    prompt_logprobs: int | None = None
+    """vLLM: log-probabilities of the prompt tokens, with this many alternatives each (not with stream)."""
+    # Structured output (loom/engine/structured/requests.py says what each may hold).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -156,7 +169,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    """False: a forced tool call is exactly one call (default: one or more)."""
 
 
 class CompletionRequest(SamplingRequest):
@@ -220,7 +234,29 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
+class PromptLogprob(BaseModel):
+    """vLLM's form of one prompt position's alternatives (keyed by token id as a string)."""
+
+    logprob: float
+    rank: int | None = None
+    """1 for the most likely token; None for a prompt token outside the top alternatives asked for."""
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+"""One entry per prompt token; the first is None (nothing predicts it)."""
+
+
+class _DropNullPromptLogprobs(BaseModel):
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        if out.get("prompt_logprobs") is None:
+            out.pop("prompt_logprobs", None)
+        return out
+
+
+class ChatCompletionResponse(_DropNullPromptLogprobs):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -228,6 +264,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    """vLLM extension, sent only when asked for."""
 
 
 class _DropNone(BaseModel):
@@ -279,11 +317,13 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_DropNullPromptLogprobs):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobs | None = None
+    """vLLM extension, sent only when asked for."""
 
 
 class CompletionResponse(BaseModel):
@@ -331,3 +371,60 @@ class ErrorResponse(BaseModel):
     """Every error the server answers, whatever its status (OpenAI's format)."""
 
     error: ErrorDetail
+
+
+# ---- tokenizer routes (vLLM's /tokenize, /detokenize, /tokenizer_info) and /version ------------------
+
+
+class _TextRequest(OpenAIModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        return data
+
+
+class TokenizeRequest(_TextRequest):
+    """Either `prompt` (text, special tokens added unless add_special_tokens is false) or `messages`
+    (rendered through the chat template, as chat completions would)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[ToolDefinition] | None = None
+    add_special_tokens: bool | None = None
+    """Default: true for a prompt, false for messages (the template writes its own)."""
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_TextRequest):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """What a client needs to tokenize as the server does (lm-evaluation-harness's remote tokenizer)."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int
+
+
+class Version(BaseModel):
+    version: str
