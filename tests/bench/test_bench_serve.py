@@ -177,7 +177,7 @@ def test_cli_exits_non_zero_when_requests_fail(server, tmp_path):
 def test_the_readme_bench_command_fits_the_tiny_model(server, tmp_path):
     """The README's agent-workload command, with fewer requests and no rate limit: every request succeeds."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    command = next(b for b in readme.split("```bash\n") if "loom bench serve" in b).split("```")[0]
+    command = next(c for b in readme.split("```bash\n") if "loom bench serve" in (c := b.split("```")[0]))
     argv = shlex.split(command.replace("\\\n", " "))[2:]  # after `loom bench`
     for flag, value in (("--base-url", server.url), ("--model", server.model), ("--num-requests", "8"),
                         ("--request-rate", "inf"), ("--json", str(tmp_path / "r.json")),

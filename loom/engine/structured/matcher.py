@@ -10,7 +10,6 @@ state for the other completions of an n > 1 request.
 from __future__ import annotations
 
 import llguidance
-import llguidance.torch
 import torch
 
 
@@ -86,7 +85,8 @@ class GrammarMatcher:
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (int32 [rows, ceil(vocab / 32)], on CPU)."""
-        llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+        v = _check_bitmask(bitmask)[row]
+        self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
 
 
 class MaskFiller:
@@ -102,6 +102,18 @@ class MaskFiller:
     def fill(self, rows: list[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> None:
         """Fill bitmask[row] for each (matcher, row); rows without a matcher are left as they were."""
         if rows:
-            llguidance.torch.fill_next_token_bitmask_par(
-                self._executor, [(m._m, row) for m, row in rows], bitmask
+            words = _check_bitmask(bitmask).shape[1]
+            self._executor.unsafe_compute_mask_ptr(
+                [(m._m, row) for m, row in rows], bitmask.data_ptr(), words * 4, bitmask.shape[0]
             )
+
+
+def _check_bitmask(bitmask: torch.Tensor) -> torch.Tensor:
+    # llguidance writes through the raw pointer: the tensor must be what it assumes. (Its own
+    # llguidance.torch wrappers check the same, but importing that module pulls in torch.compile's
+    # stack, ~5 s of every process start.)
+    if not (
+        bitmask.dtype == torch.int32 and bitmask.is_cpu and bitmask.dim() == 2 and bitmask.is_contiguous()
+    ):
+        raise ValueError("a token bitmask must be a contiguous 2-D int32 CPU tensor")
+    return bitmask
