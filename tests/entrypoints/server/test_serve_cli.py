@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 EXIT_BAD_MODEL = 2
@@ -27,16 +28,31 @@ def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_a_missing_model_directory_exits_with_the_reason(tmp_path):
-    out = _serve(str(tmp_path / "nope"))
-    assert out.returncode == EXIT_BAD_MODEL
-    assert f"model directory {tmp_path / 'nope'} does not exist" in out.stderr
+def _refused(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """Run `loom serve` in-process where it must refuse before starting anything: its exit status and
+    stderr. (A subprocess would spend seconds importing torch to print one line.)"""
+    import loom.entrypoints.server.app as server_app
+    from loom.entrypoints.cli import main
+
+    def started(*_, **__):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(server_app, "create_app", started)
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", *args])
+    return exit_.value.code, capsys.readouterr().err
 
 
-def test_a_hub_id_is_named_as_such():
-    out = _serve("--model", "zai-org/GLM-4.1V-9B-Thinking")
-    assert out.returncode == EXIT_BAD_MODEL
-    assert "looks like a Hugging Face hub id" in out.stderr and "never downloads" in out.stderr
+def test_a_missing_model_directory_exits_with_the_reason(tmp_path, capsys, monkeypatch):
+    code, err = _refused(capsys, monkeypatch, str(tmp_path / "nope"))
+    assert code == EXIT_BAD_MODEL
+    assert f"model directory {tmp_path / 'nope'} does not exist" in err
+
+
+def test_a_hub_id_is_named_as_such(capsys, monkeypatch):
+    code, err = _refused(capsys, monkeypatch, "--model", "zai-org/GLM-4.1V-9B-Thinking")
+    assert code == EXIT_BAD_MODEL
+    assert "looks like a Hugging Face hub id" in err and "never downloads" in err
 
 
 def test_a_directory_that_fails_to_load_ends_the_server(tmp_path):
