@@ -52,7 +52,10 @@ def traced(tiny_llama_dir: Path, tmp_path_factory):
         ),
         tracer_provider=provider,
     )
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # A short graceful shutdown: a client's idle keep-alive connection would otherwise hold it up.
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -127,3 +127,17 @@ def test_text_only_model_refuses_images(server):
         body = {"model": server.model, "max_tokens": 4, "messages": [{"role": "user", "content": [part]}]}
         resp = http.post("/v1/chat/completions", json=body)
         assert resp.status_code == 400 and "text only" in resp.json()["error"]["message"]
+
+
+def test_the_readme_screenshot_snippet_runs(vision_server, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    server, media = vision_server
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if 'open("screen.png"' in b)
+    code = code.replace("http://127.0.0.1:8000", server.url).replace('"autoglm-phone-9b"', repr(server.model))
+    code = code.replace("max_tokens=3000", "max_tokens=8")  # the tiny model's context is 2048 here
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "screen.png").write_bytes((media / "ok.png").read_bytes())
+    exec(compile(code, "README:screen.png", "exec"), {})  # noqa: S102 - the README's own code
