@@ -117,14 +117,18 @@ class EngineCore:
                 self.runner.forget(sched.finished_req_ids)
             return []
         self.runner.update_states(sched)
-        grammar = self.structured.bitmask_for(sched, self.scheduler.requests)
+        grammar = self.structured.bitmask_for(sched, self.scheduler.requests)  # filled during the forward
         try:
             result = self.runner.run(sched.num_scheduled_tokens, sched.spec_token_ids, grammar)
         except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
             logger.warning(
                 "a step of %d requests failed (%s); isolating", len(sched.num_scheduled_tokens), error
             )
+            if grammar is not None:
+                grammar.wait()
             return self._isolate(sched, error, grammar)
+        if grammar is not None:
+            grammar.wait()  # a step whose sampling rows had no grammar never waited in apply()
         return self.scheduler.update_from_output(sched, result)
 
     def _isolate(

@@ -5,8 +5,12 @@ request's matcher with every token it appends.
 - `StructuredOutputManager.bitmask_for(sched, requests)`, after `schedule()`: a row per grammar request
   that samples this step, and d + 1 rows for one verifying d drafts (the matcher walks through the drafts,
   filling a row before each, and is rolled back: drafts are not the request's until verified). None when
-  no grammar request samples, so requests without a grammar pay nothing.
-- `StepBitmask.apply(logits, placements)`, in the runner: masks those rows before penalties and sampling.
+  no grammar request samples, so requests without a grammar pay nothing. The rows are filled on a worker
+  thread while the model's forward runs (llguidance and torch both release the GIL), so a step pays
+  only for the part of the fill that outlasts the forward.
+- `StepBitmask.apply(logits, placements)`, in the runner: waits for the fill, then masks those rows
+  before penalties and sampling. `StepBitmask.wait()`: the core calls it after every forward, so no
+  matcher is advanced (update_from_output) or reused while a fill still walks it.
 - `valid_draft(req, draft)`, when drafts are proposed: the longest prefix the grammar allows.
 - `accept_token(req, token)`, as update_from_output appends: advances the matcher; the request ends
   ("stop") once the grammar is complete, and fails with the grammar's error if the matcher failed.
@@ -18,6 +22,7 @@ it: the recomputed tokens are the ones it already accepted) and is dropped with 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,10 +46,20 @@ class StepBitmask:
     bitmask: torch.Tensor
     """int32 [num_rows, ceil(vocab / 32)] on CPU."""
     rows: dict[str, int]
+    filled: Future | None = None
+    """The fill running on the manager's worker thread (None: filled already)."""
+
+    def wait(self) -> None:
+        """Block until the rows are filled (the fill never raises: a request whose mask failed is marked
+        failed on its matcher, and its row allows everything)."""
+        if self.filled is not None:
+            self.filled.result()
+            self.filled = None
 
     def apply(self, logits: torch.Tensor, placements: list[tuple[str, int, int]]) -> None:
         """Mask logits in place. placements: (request id, its first logits row, rows) for every request
         that samples in this forward; those without a grammar are left alone."""
+        self.wait()
         logit_rows: list[int] = []
         mask_rows: list[int] = []
         for req_id, first, count in placements:
@@ -73,6 +88,8 @@ class StructuredOutputManager:
         """llguidance's mask threads; 1 keeps them off the cores the model runs on (CPU hosts)."""
         self._filler: MaskFiller | None = None
         self._buffer: torch.Tensor | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        """Fills a step's rows while its forward runs (made on first use)."""
 
     def _rows(self, num_rows: int) -> torch.Tensor:
         # Grown by doubling and kept: a step allocates nothing once the largest batch has been seen.
@@ -102,12 +119,29 @@ class StructuredOutputManager:
             num_rows += len(draft) + 1
         if not rows:
             return None
-        bitmask = self._rows(num_rows)
-        for matcher, row, draft in drafted:
-            self._fill_through(matcher, bitmask, row, draft)
-        if plain:
-            self._fill(plain, bitmask)
-        return StepBitmask(bitmask[:num_rows], rows)
+        bitmask = self._rows(num_rows)[:num_rows]
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="loom-masks")
+        # One fill in flight at a time: the core waits for a step's fill before the next step begins.
+        filled = self._worker.submit(self._fill_step, bitmask, plain, drafted)
+        return StepBitmask(bitmask, rows, filled)
+
+    def _fill_step(
+        self,
+        bitmask: torch.Tensor,
+        plain: list[tuple[GrammarMatcher, int]],
+        drafted: list[tuple[GrammarMatcher, int, list[int]]],
+    ) -> None:
+        try:
+            for matcher, row, draft in drafted:
+                self._fill_through(matcher, bitmask, row, draft)
+            if plain:
+                self._fill(plain, bitmask)
+        except Exception as e:  # noqa: BLE001 - _fill and _fill_one isolate per request; this is a last resort
+            logger.exception("filling the step's token masks failed")
+            for matcher, row in plain + [(m, r) for m, r, _ in drafted]:
+                matcher.fail(f"computing the token mask failed: {e}")
+                bitmask[row] = -1
 
     def _fill(self, rows: list[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> None:
         if self._filler is None:
