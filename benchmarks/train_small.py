@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loom.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOOL_TOKENS
+from loom.models.tiny import SPECIAL_TOKENS, build_tokenizer
 
 # Bump when the data, tokenizer, model shape or schedule changes, so the cached model is rebuilt.
 VERSION = "1"
@@ -79,30 +79,7 @@ def read(f: Path) -> str:
 
 
 def train_tokenizer(files: list[Path]):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(TOOL_TOKENS),
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((read(f) for f in files), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token=EOS,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        clean_up_tokenization_spaces=False,
-        model_max_length=2048,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return build_tokenizer((read(f) for f in files), vocab_size=VOCAB_SIZE, model_max_length=2048)
 
 
 def encode_stream(tokenizer, files: list[Path]) -> np.ndarray:

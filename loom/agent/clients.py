@@ -20,7 +20,7 @@ from loom.engine.async_engine import AsyncEngine
 from loom.engine.structured import request_grammar
 from loom.entrypoints.llm import merge_delta
 from loom.errors import EngineDeadError, InvalidRequest
-from loom.frontend.chat import render_chat
+from loom.frontend.chat import process_chat, render_chat
 from loom.frontend.input_processor import ProcessedRequest
 from loom.frontend.structured import tool_format
 from loom.frontend.tool_parsers import ToolCallStream
@@ -160,15 +160,7 @@ class EngineClient:
                 grammar = ip.grammars.compile(spec)
             budget = ip.prompt_budget(params.max_tokens)
             prompt = render_chat(ip, messages, tools or None, self.tool_parser, budget, "error")
-            return ip.process(
-                request_id,
-                prompt.token_ids,
-                params,
-                param="messages",
-                images=prompt.images,
-                mrope=prompt.mrope,
-                grammar=grammar,
-            )
+            return process_chat(ip, request_id, prompt, params, grammar)
 
         job = await asyncio.to_thread(prepare)
         names = {t["function"]["name"] for t in tools or ()}

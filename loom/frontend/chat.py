@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from loom.errors import InvalidRequest
-from loom.frontend.input_processor import InputProcessor
+from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.multimodal import has_image_parts
 from loom.frontend.truncation import fit_chat
 from loom.multimodal.inputs import ImageInput
+
+if TYPE_CHECKING:
+    from loom.engine.structured import CompiledGrammar
+    from loom.sampling_params import SamplingParams
 
 
 @dataclass
@@ -83,3 +88,23 @@ def render_chat(
         prompt.token_ids, prompt.mrope = ids, (positions, delta)
     prompt.truncated_tokens, prompt.dropped_messages = fitted.truncated_tokens, fitted.dropped_messages
     return prompt
+
+
+def process_chat(
+    ip: InputProcessor,
+    request_id: str,
+    prompt: ChatPrompt,
+    params: SamplingParams,
+    grammar: CompiledGrammar | None = None,
+) -> ProcessedRequest:
+    """A rendered conversation, validated and fanned out for the engine, its images and M-RoPE positions
+    with it: the one way the server, `LLM.chat` and the agent runtime hand a chat to the engine."""
+    return ip.process(
+        request_id,
+        prompt.token_ids,
+        params,
+        param="messages",
+        images=prompt.images,
+        mrope=prompt.mrope,
+        grammar=grammar,
+    )

@@ -30,7 +30,7 @@ from loom.entrypoints.server.serving import ServerState
 from loom.entrypoints.server.sse import SSEResponse, sse_events
 from loom.entrypoints.server.structured import check_prompt_logprobs, compile_grammar, prompt_logprobs_json
 from loom.errors import InvalidRequest
-from loom.frontend.chat import ChatPrompt, render_chat
+from loom.frontend.chat import ChatPrompt, process_chat, render_chat
 from loom.frontend.input_processor import ProcessedRequest
 from loom.frontend.tool_parsers import ToolCall, ToolCallStream, parse_tool_calls
 from loom.outputs import CompletionOutput, RequestOutput
@@ -150,16 +150,7 @@ class ChatCompletions:
             prompt = render_chat(
                 ip, messages, tools, state.config.tool_call_parser, ip.prompt_budget(max_tokens), truncation
             )
-            job = ip.process(
-                new_id("chatcmpl"),
-                prompt.token_ids,
-                params,
-                param="messages",
-                images=prompt.images,
-                mrope=prompt.mrope,
-                grammar=grammar,
-            )
-            return prompt, job
+            return prompt, process_chat(ip, new_id("chatcmpl"), prompt, params, grammar)
 
         prompt, job = await state.in_thread(prepare)
         lease = state.admit([len(prompt.token_ids)], params.n)
