@@ -119,7 +119,7 @@ def test_run_resumes_after_kill_9_from_its_unfinished_nodes(launch_server, tmp_p
     server = launch_server("agent-resume-1", *flags).wait_ready()
     with server.http() as http:
         run = http.post(
-            "/v1/agent/runs", json={"workflow": workflow(600), "inputs": {"topic": "bees"}}
+            "/v1/agent/runs", json={"workflow": workflow(1500), "inputs": {"topic": "bees"}}
         ).json()
         before = wait_run(http, run["id"], lambda r: r["nodes"].get("first", {}).get("status") == "ok")
     assert before["status"] == "running" and "second" not in before["nodes"], "kill while `second` runs"
