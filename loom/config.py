@@ -16,6 +16,8 @@ from loom.errors import InvalidRequest
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULING_POLICIES = ("fcfs", "priority", "program")
+QUANTIZATIONS = ("int8", "int4")
+QUANTIZATION_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class EngineConfig:
     program_pin_ttl_s: float = 30.0
     """How long the KV of a finished call stays pinned for the next call of the same agent program (released early at program end or when memory is short); 0 disables pinning."""
     num_threads: int | None = None
-    """torch intra-op threads on CPU; None leaves torch's default."""
+    """torch intra-op threads on CPU; None leaves torch's default (`loom serve` then uses all cores but one, which it leaves to the HTTP loop and the detokenizer)."""
     max_logprobs: int = 20
     """Most top log-probabilities a request may ask for."""
     limit_mm_per_prompt: str | dict | None = None
@@ -74,8 +76,14 @@ class EngineConfig:
     """Bytes of vision-encoder outputs kept for reuse (images of requests still being prefilled are always kept)."""
     speculative_config: str | dict | None = None
     """Speculative decoding without a draft model, as JSON: {"method": "ngram" (prompt lookup) or "suffix" (also the earlier requests of the agent program), "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b, "adaptive": true, "disable_by_batch_size": 0}; greedy output is unchanged, sampled output keeps its distribution."""
+    grammar_compile_timeout_s: float = 10.0
+    """Longest a request waits for its structured-output grammar (JSON schema, regex, choice, grammar, forced tool calls) to compile before it is refused (HTTP 400); compiled grammars are cached."""
     step_timeout_s: float = 600.0
     """Seconds one engine step may run before the engine is declared hung: every request in flight fails and the server exits non-zero (so a supervisor restarts it); 0 disables the watchdog."""
+    quantization: str | None = None
+    """Weight-only quantization of the linear layers, done at load from the float checkpoint: int8 (one scale per output channel) or int4 (groups of quantization_group_size input channels, scale and zero point); None keeps float weights. CPU only; activations stay in dtype."""
+    quantization_group_size: int = 128
+    """Input channels sharing one int4 scale and zero point: 32, 64 or 128 (smaller is more accurate and a little larger)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequest:
@@ -110,8 +118,17 @@ class EngineConfig:
                 "chat_template_content_format",
                 f"must be one of {CONTENT_FORMATS}, got {self.chat_template_content_format!r}",
             )
+        if not self.grammar_compile_timeout_s > 0:
+            raise bad("grammar_compile_timeout_s", f"must be > 0, got {self.grammar_compile_timeout_s}")
         if self.step_timeout_s < 0:
             raise bad("step_timeout_s", f"must be >= 0, got {self.step_timeout_s}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise bad("quantization", f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
+            raise bad(
+                "quantization_group_size",
+                f"must be one of {QUANTIZATION_GROUP_SIZES}, got {self.quantization_group_size}",
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
 

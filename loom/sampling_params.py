@@ -57,6 +57,14 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     priority: int = 0
     """Scheduling priority: lower values run first; ties keep arrival order."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling, each in [-100, 100] (OpenAI's logit_bias)."""
+    bad_words: list[str] | None = None
+    """Words that may not be generated (vLLM): the last token of a word is banned where the tokens before it were just generated; the frontend tokenizes them into bad_words_token_ids."""
+    bad_words_token_ids: list[list[int]] | None = None
+    """Token sequences that may not be generated (from bad_words, with and without a leading space)."""
+    structured_outputs: dict | None = None
+    """A grammar the output must match, as vLLM's structured_outputs: exactly one of {"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar": lark_or_gbnf}, {"json_object": true}; compiled by the frontend."""
     extra: dict = field(default_factory=dict)
     """Free-form extension fields carried with the request (not used by the engine)."""
 
@@ -113,6 +121,25 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "must map token ids to numbers")
+            for token, value in self.logit_bias.items():
+                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                    raise bad("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+                if (
+                    not isinstance(value, (int, float))
+                    or isinstance(value, bool)
+                    or not math.isfinite(value)
+                    or not -100 <= value <= 100
+                ):
+                    raise bad("logit_bias", f"values must be numbers in [-100, 100], got {value!r}")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list) or not all(isinstance(w, str) and w for w in self.bad_words)
+        ):
+            raise bad("bad_words", "must be a list of non-empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, dict):
+            raise bad("structured_outputs", "must be an object")
         if not isinstance(self.priority, int):
             raise bad("priority", f"must be an integer, got {self.priority!r}")
         if self.seed is not None and (

@@ -156,8 +156,15 @@ def launch_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
     logs = tmp_path_factory.mktemp("more-server-logs")
     started: list[Server] = []
 
-    def start(name: str, *args: str, api_key: str | None = None, entry: tuple[str, ...] = LOOM_CLI) -> Server:
-        started.append(launch(tiny_llama_dir, logs, name, *args, api_key=api_key, entry=entry))
+    def start(
+        name: str,
+        *args: str,
+        api_key: str | None = None,
+        entry: tuple[str, ...] = LOOM_CLI,
+        model_dir: Path | None = None,
+    ) -> Server:
+        model = tiny_llama_dir if model_dir is None else model_dir
+        started.append(launch(model, logs, name, *args, api_key=api_key, entry=entry))
         return started[-1]
 
     yield start

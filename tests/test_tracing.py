@@ -52,7 +52,10 @@ def traced(tiny_llama_dir: Path, tmp_path_factory):
         ),
         tracer_provider=provider,
     )
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # A short graceful shutdown: a client's idle keep-alive connection would otherwise hold it up.
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -192,7 +195,7 @@ async def main():
     assert app.state.loom.tracing is NO_TRACING
     async with app.router.lifespan_context(app):
         await asyncio.to_thread(app.state.loom.engine.wait_ready)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             r = await c.post("/v1/completions", json={{"prompt": "a", "max_tokens": 2}},
                              headers={{"traceparent": {TRACEPARENT!r}}})
             assert r.status_code == 200, r.text

@@ -17,10 +17,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from loom.config import EngineConfig
 from loom.engine.async_engine import AsyncEngine
+from loom.engine.structured import request_grammar
 from loom.entrypoints.llm import merge_delta
 from loom.errors import EngineDeadError, InvalidRequest
-from loom.frontend.chat import render_chat
+from loom.frontend.chat import process_chat, render_chat
 from loom.frontend.input_processor import ProcessedRequest
+from loom.frontend.structured import tool_format
 from loom.frontend.tool_parsers import ToolCallStream
 from loom.sampling_params import SamplingParams
 from loom.tracing import trace_headers
@@ -145,13 +147,20 @@ class EngineClient:
         ip = self.engine.input
         if ip is None or not self.engine.is_ready:
             raise EngineDeadError("the engine is not ready; call start() and wait_ready() first")
-        params = self._params(dict(sampling), program_id)
+        sampling = dict(sampling)
+        structured = sampling.pop("structured_outputs", None)
+        params = self._params(sampling, program_id)
         request_id = f"{program_id or 'chat'}-{uuid.uuid4().hex[:12]}"
 
         def prepare() -> ProcessedRequest:
+            grammar = None
+            if structured is not None:  # with tools: a reply matching it, or tool calls
+                fmt = tool_format(ip.tokenizer, self.tool_parser) if tools else "hermes"
+                spec = request_grammar(structured_outputs=structured, tools=tools or None, tool_format=fmt)
+                grammar = ip.grammars.compile(spec)
             budget = ip.prompt_budget(params.max_tokens)
-            prompt = render_chat(ip, messages, tools or None, None, self.tool_parser, budget, "error")
-            return ip.process(request_id, prompt.token_ids, params, param="messages")
+            prompt = render_chat(ip, messages, tools or None, self.tool_parser, budget, "error")
+            return process_chat(ip, request_id, prompt, params, grammar)
 
         job = await asyncio.to_thread(prepare)
         names = {t["function"]["name"] for t in tools or ()}
@@ -173,7 +182,10 @@ class EngineClient:
         out = final.outputs[0]
         calls = [ToolCall(c.id, c.name, c.arguments) for c in parser.calls] if parser else []
         usage = Usage(len(job.prompt_token_ids), len(out.token_ids), final.num_cached_tokens, calls=1)
-        return ChatResult("".join(content), calls, usage, "tool_calls" if calls else out.finish_reason)
+        text = "".join(content)
+        if calls and not text.strip():  # the newline between parallel calls is not a reply
+            text = ""
+        return ChatResult(text, calls, usage, "tool_calls" if calls else out.finish_reason)
 
 
 class OpenAIClient:
@@ -230,8 +242,15 @@ class OpenAIClient:
         on_token: TokenCallback | None = None,
         **sampling: Any,
     ) -> ChatResult:
+        sampling = dict(sampling)
+        structured = sampling.pop("structured_outputs", None)
         kwargs = {k: v for k, v in sampling.items() if k in OPENAI_SAMPLING}
         extra = {k: v for k, v in sampling.items() if k not in OPENAI_SAMPLING}
+        if structured is not None:
+            kwargs["response_format"] = _response_format(structured)
+            if kwargs["response_format"] is None:  # a regex or grammar: vLLM's (and loom's) extension
+                del kwargs["response_format"]
+                extra["structured_outputs"] = structured
         if program_id:
             extra["program_id"] = program_id
         if tools:
@@ -245,6 +264,16 @@ class OpenAIClient:
             **kwargs, stream=True, stream_options={"include_usage": True}
         )
         return await _from_stream(stream, on_token)
+
+
+def _response_format(structured: dict) -> dict | None:
+    """OpenAI's response_format for a JSON constraint (any OpenAI-compatible server takes it), else None."""
+    if set(structured) == {"json"}:
+        schema = structured["json"]
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": False}}
+    if set(structured) == {"json_object"}:
+        return {"type": "json_object"}
+    return None
 
 
 def _usage(usage: Any) -> Usage:

@@ -89,14 +89,35 @@ class LLMNode(Node):
     tools: tuple[str, ...] = ()
     json: bool = False
     schema: dict | None = None
-    """JSON schema the parsed output must match (implies json)."""
+    """JSON schema the parsed output must match (implies json). The engine enforces it while generating
+    (structured output); the reply is still checked after."""
+    regex: str | None = None
+    """A regular expression the whole reply must match, enforced by the engine; the output is the text."""
+    grammar: str | None = None
+    """A Lark (or GBNF) grammar the reply must match, enforced by the engine; the output is the text."""
     sampling: dict = field(default_factory=dict)
     """Sampling parameters (max_tokens, temperature, seed, ...), over the workflow's defaults."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tools", tuple(self.tools))
         object.__setattr__(self, "json", self.json or self.schema is not None)
+        given = [k for k in ("schema", "regex", "grammar") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise WorkflowError(f"node {self.name!r}: give at most one of schema, regex and grammar")
+        if self.tools and (self.regex is not None or self.grammar is not None):
+            raise WorkflowError(f"node {self.name!r}: a regex or grammar cannot be combined with tools")
         super().__post_init__()
+
+    @property
+    def constraint(self) -> dict | None:
+        """What the engine constrains the reply to, as vLLM's structured_outputs (None: free text)."""
+        if self.schema is not None:
+            return {"json": self.schema}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.grammar is not None:
+            return {"grammar": self.grammar}
+        return None
 
     def references(self) -> list[Ref]:
         return [r for _, content in self.messages for r in references(content)]
@@ -182,6 +203,8 @@ class Workflow:
         tools: Iterable[str] = (),
         json: bool = False,
         schema: dict | None = None,
+        regex: str | None = None,
+        grammar: str | None = None,
         deps: Iterable[str] = (),
         timeout: float | None = None,
         retries: int = 0,
@@ -196,6 +219,8 @@ class Workflow:
                 tools=tuple(tools),
                 json=json,
                 schema=schema,
+                regex=regex,
+                grammar=grammar,
                 sampling=sampling,
                 deps=tuple(deps),
                 timeout=timeout,

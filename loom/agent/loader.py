@@ -31,7 +31,7 @@ from loom.agent.errors import WorkflowError
 from loom.agent.graph import REQUIRED, AgentNode, LLMNode, Node, PythonNode, ToolNode, Workflow, make_messages
 
 _COMMON = {"name", "kind", "deps", "timeout", "retries", "backoff"}
-_LLM = _COMMON | {"prompt", "system", "messages", "tools", "output", "schema", "sampling"}
+_LLM = _COMMON | {"prompt", "system", "messages", "tools", "output", "schema", "regex", "grammar", "sampling"}
 _KEYS = {
     "llm": _LLM,
     "agent": _LLM | {"max_steps"},
@@ -85,6 +85,8 @@ def _node(spec: Any, functions: Mapping[str, Callable[..., Any]]) -> Node:
                 tools=tuple(spec.get("tools", ())),
                 json=output == "json",
                 schema=spec.get("schema"),
+                regex=spec.get("regex"),
+                grammar=spec.get("grammar"),
                 sampling=dict(spec.get("sampling") or {}),
             )
             if kind == "agent":

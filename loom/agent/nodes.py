@@ -76,6 +76,8 @@ async def _chat(
     if ctx.client is None:
         raise WorkflowError(f"node {node.name!r} needs a model, but the runtime has no client")
     sampling = {**ctx.sampling, **node.sampling}
+    if node.constraint is not None:  # enforced while generating, rather than retried until it parses
+        sampling["structured_outputs"] = node.constraint
     result = await ctx.client.chat(
         messages,
         tools,

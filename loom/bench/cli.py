@@ -25,7 +25,7 @@ from loom.bench import compare
 from loom.bench.compare_report import format_compare
 from loom.bench.metrics import compute_metrics, parse_goodput
 from loom.bench.report import build_result, format_table, plot_result, write_json
-from loom.bench.serve import ENDPOINTS, BenchError, ServeConfig, run_load
+from loom.bench.serve import ENDPOINTS, BenchError, ServeConfig, run_load, scrape_loom_counters
 from loom.bench.workloads import WORKLOADS, WorkloadOptions, make_workload
 from loom.config import add_config_args, field_docs
 from loom.errors import InvalidRequest
@@ -122,7 +122,12 @@ def run_serve_bench(args: argparse.Namespace) -> dict:
     # Warm-up requests come from another seed, so they warm the server without caching the timed prompts.
     warm_spec = "random" if args.workload.startswith("jsonl:") else args.workload
     warmup = make_workload(warm_spec, args.warmup, args.seed + 1, opts) if args.warmup > 0 else None
-    run = asyncio.run(run_load(config, workload, warmup))
+    before = scrape_loom_counters(config)
+    run = asyncio.run(
+        run_load(config, workload, warmup, on_timed_start=lambda: before.update(scrape_loom_counters(config)))
+    )
+    after = scrape_loom_counters(config)
+    server_stats = {k: after[k] - before.get(k, 0) for k in after} if after else None
     metrics = compute_metrics(run.records, run.duration, slos)
     settings = {
         "base_url": config.base_url,
@@ -139,6 +144,7 @@ def run_serve_bench(args: argparse.Namespace) -> dict:
         "ignore_eos": config.ignore_eos,
         "extra_body": run.extra_body,
         "goodput_slos_ms": slos,
+        "server_stats": server_stats,
     }
     return build_result(settings, metrics, run.records)
 
@@ -155,6 +161,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         write_json(result, args.json_out)
     if args.png_out:
         plot_result(result, args.png_out)
+    if result["failed"]:
+        # A benchmark that lost requests measured something else than it says: fail loudly (after writing
+        # the results, which hold each failure's error).
+        first = next((r["error"] for r in result.get("requests", []) if r.get("error")), None)
+        raise SystemExit(
+            f"loom bench serve: {result['failed']} of {result['num_requests']} requests failed"
+            + (f"; first error: {first}" if first else "")
+        )
 
 
 LLAMA_SERVER_DOC = """llama.cpp's server as a peer of `loom serve`, built from llama-cpp-python's source distribution

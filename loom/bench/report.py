@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import statistics
 from pathlib import Path
 
 from loom.bench.metrics import LATENCY_METRICS, STATS, RequestRecord, ServeMetrics
@@ -23,8 +24,8 @@ RESULT_SCHEMA: dict[str, str] = {
     "base_url": "str: the server benchmarked",
     "model": "str: the model name sent",
     "endpoint": 'str: "chat" or "completions"',
-    "workload": 'str: the workload ("random", "sharegpt-like", "shared-prefix", "agent", "dag", '
-    '"jsonl:PATH")',
+    "workload": 'str: the workload ("random", "sharegpt-like", "shared-prefix", "agent", "phone-agent", '
+    '"dag", "jsonl:PATH")',
     "num_requests": "int: requests in the timed run (warm-up excluded)",
     "warmup": "int: warm-up requests sent first and not measured",
     "request_rate": 'float | "inf": mean arrivals per second',
@@ -51,6 +52,11 @@ RESULT_SCHEMA: dict[str, str] = {
         for m in LATENCY_METRICS
         for s in STATS
     },
+    "ttft_by_turn_ms": "object | null: {turn: median TTFT in ms} of completed requests of session workloads "
+    "(agent, phone-agent), null otherwise",
+    "server_stats": "object | null: what a loom server counted during the timed run (deltas of its /metrics: "
+    "prefix-cache queries and hits in tokens, encoder-cache queries and hits, images encoded, vision encode "
+    "seconds, engine steps); null for other servers",
     "requests": "list: one object per timed request, keys in REQUEST_SCHEMA",
 }
 
@@ -99,7 +105,9 @@ def request_json(record: RequestRecord) -> dict:
 
 def build_result(settings: dict, metrics: ServeMetrics, records: list[RequestRecord]) -> dict:
     """The JSON result: `settings` holds the run's settings (keys of RESULT_SCHEMA from base_url to
-    goodput_slos_ms), then the metrics and the per-request records."""
+    goodput_slos_ms, and server_stats), then the metrics and the per-request records."""
+    settings = dict(settings)
+    server_stats = settings.pop("server_stats", None)
     rate = settings.get("request_rate", math.inf)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -109,8 +117,25 @@ def build_result(settings: dict, metrics: ServeMetrics, records: list[RequestRec
         # JSON has no infinity; vLLM writes the string "inf" too.
         "request_rate": "inf" if math.isinf(rate) else rate,
         **metrics.flat(),
+        "ttft_by_turn_ms": ttft_by_turn(records),
+        "server_stats": server_stats,
         "requests": [request_json(r) for r in records],
     }
+
+
+def ttft_by_turn(records: list[RequestRecord]) -> dict[str, float] | None:
+    by_turn: dict[int, list[float]] = {}
+    for r in records:
+        if (
+            r.success
+            and r.request is not None
+            and r.request.turn is not None
+            and r.request.session_id is not None
+        ):
+            by_turn.setdefault(r.request.turn, []).append(r.ttft * 1000)
+    if not by_turn:
+        return None
+    return {str(turn): statistics.median(v) for turn, v in sorted(by_turn.items())}
 
 
 def write_json(result: dict, path: str | Path) -> None:
@@ -155,6 +180,12 @@ def format_table(result: dict) -> str:
         for s in STATS:
             name = f"{s.capitalize() if s[0] != 'p' else 'P' + s[1:]} {metric.upper()} (ms)"
             lines.append(f"{name:<36}{_fmt(result[f'{s}_{metric}_ms']):>14}")
+    if result.get("ttft_by_turn_ms"):
+        lines.append("{s:{c}^{n}}".format(s=" Median TTFT by turn (ms) ", n=width, c="-"))
+        lines += [f"{'turn ' + turn:<36}{_fmt(ms):>14}" for turn, ms in result["ttft_by_turn_ms"].items()]
+    if result.get("server_stats"):
+        lines.append("{s:{c}^{n}}".format(s=" Server (loom) during the run ", n=width, c="-"))
+        lines += [f"{name:<36}{_fmt(value):>14}" for name, value in result["server_stats"].items()]
     if result["usage_missing"]:
         lines.append(
             f"note: {result['usage_missing']} answers had no usage; their token counts are chunk counts"

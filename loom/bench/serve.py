@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -295,8 +296,14 @@ def _check_endpoint(config: ServeConfig, workload: Workload) -> None:
         )
 
 
-async def run_load(config: ServeConfig, workload: Workload, warmup: Workload | None = None) -> ServeRun:
-    """Send the warm-up requests (not measured), then the workload on its arrival schedule."""
+async def run_load(
+    config: ServeConfig,
+    workload: Workload,
+    warmup: Workload | None = None,
+    on_timed_start: Callable[[], None] | None = None,
+) -> ServeRun:
+    """Send the warm-up requests (not measured), then the workload on its arrival schedule.
+    `on_timed_start` runs between the two (to snapshot the server's counters)."""
     _check_endpoint(config, workload)
     limits = httpx.Limits(
         max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
@@ -309,6 +316,8 @@ async def run_load(config: ServeConfig, workload: Workload, warmup: Workload | N
         slot = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else nullcontext()
         if warmup is not None and warmup.items:
             await _warm_up(gen, warmup, slot)
+        if on_timed_start is not None:
+            on_timed_start()
 
         n = workload.num_requests
         records = [RequestRecord(i) for i in range(n)]
@@ -345,3 +354,35 @@ async def _warm_up(gen: LoadGenerator, warmup: Workload, slot) -> None:
         raise BenchError(f"every warm-up request failed; first error: {failed[0].error}")
     if failed:
         logger.warning("%d of %d warm-up requests failed: %s", len(failed), len(records), failed[0].error)
+
+
+# loom's counters that `loom bench serve` reports as the server's own view of the timed run.
+LOOM_COUNTERS = {
+    "loom_prefix_cache_queries_total": "prefix_cache_query_tokens",
+    "loom_prefix_cache_hits_total": "prefix_cache_hit_tokens",
+    "loom_encoder_cache_queries_total": "encoder_cache_queries",
+    "loom_encoder_cache_hits_total": "encoder_cache_hits",
+    "loom_images_encoded_total": "images_encoded",
+    "loom_vision_encode_seconds_total": "vision_encode_seconds",
+    "loom_engine_steps_total": "engine_steps",
+}
+
+
+def scrape_loom_counters(config: ServeConfig) -> dict[str, float]:
+    """loom's counters from the server's /metrics ({} for a server that is not loom, or unreachable)."""
+    parts = urlsplit(config.base_url)
+    url = f"{parts.scheme}://{parts.netloc}/metrics"
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    try:
+        text = httpx.get(url, headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in LOOM_COUNTERS:
+            try:
+                out[LOOM_COUNTERS[name]] = float(value)
+            except ValueError:
+                continue
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from loom.agent.graph import Workflow
 from loom.errors import InvalidRequest
 
-WORKLOADS = ("random", "sharegpt-like", "shared-prefix", "agent", "dag", "jsonl:PATH")
+WORKLOADS = ("random", "sharegpt-like", "shared-prefix", "agent", "phone-agent", "dag", "jsonl:PATH")
 SHAREGPT_LENGTHS = Path(__file__).resolve().parent / "data" / "sharegpt_lengths.csv"
 
 # Short, frequent words: each is a single token (with its leading space) in GPT-2, Llama and Qwen
@@ -47,7 +47,7 @@ class Request:
     """One request to send: a completions `prompt` (text or token ids) or chat `messages`."""
 
     prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict] | None = None
     max_tokens: int = 128
     session_id: int | None = None
     """The agent session or dag program this call belongs to (None outside those workloads)."""
@@ -99,6 +99,36 @@ class Session:
 
 
 @dataclass(slots=True)
+class PhoneSession(Session):
+    """An Open-AutoGLM-shaped session: every step sends a fresh screenshot with its text, and the
+    screenshot of the step before is removed from the history (only its text stays), so each prompt
+    shares the system prompt and text history with the previous one, up to where that image was."""
+
+    screen: tuple[int, int] = (1080, 2400)
+    seed: int = 0
+
+    def request(self, turn: int, answers: list[str]) -> Request:
+        from loom.bench.screens import data_url, screenshot
+
+        if len(answers) != turn:
+            raise ValueError(f"turn {turn} needs the {turn} previous answers, got {len(answers)}")
+        messages: list[dict] = [{"role": "system", "content": self.system}]
+        for user, answer in zip(self.user_turns[:turn], answers, strict=True):
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        image = screenshot(*self.screen, seed=self.seed * 1000 + turn)
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(image)}},
+                    {"type": "text", "text": self.user_turns[turn]},
+                ],
+            }
+        )
+        return Request(messages=messages, max_tokens=self.max_tokens, session_id=self.session_id, turn=turn)
+
+
+@dataclass(slots=True)
 class DagProgram:
     """A fan-out/fan-in agent program: one call per question about the document (the document is their
     shared system prompt), all at once, then a summary call whose prompt holds every answer."""
@@ -138,7 +168,7 @@ class DagProgram:
         return wf
 
 
-Item = Request | Session | DagProgram
+Item = Request | Session | PhoneSession | DagProgram
 
 
 @dataclass
@@ -172,6 +202,9 @@ class WorkloadOptions:
     """agent: words in the system prompt all sessions share."""
     num_branches: int = 4
     """dag: questions each program asks about its document in parallel, before its summary call."""
+    screen_size: str = "1080x2400"
+    """phone-agent: the screenshots' width x height in pixels (the server's max_pixels decides how many
+    image tokens each becomes)."""
     token_ids_vocab: int | None = None
     """random: send prompts as token ids drawn from [0, vocab) instead of text (completions endpoint only)."""
 
@@ -248,6 +281,32 @@ def agent_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
     return Workload("agent", items)
 
 
+def phone_agent_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
+    """ceil(n / num_turns) phone-agent sessions of num_turns steps (as agent_workload), each step with a
+    fresh synthetic screenshot of --screen-size, the previous one stripped from the history."""
+    if opts.num_turns < 1:
+        raise InvalidRequest(f"num_turns must be >= 1, got {opts.num_turns}", param="num_turns")
+    try:
+        width, height = (int(v) for v in opts.screen_size.lower().split("x"))
+    except ValueError:
+        raise InvalidRequest(
+            f"screen_size must be WIDTHxHEIGHT, got {opts.screen_size!r}", "screen_size"
+        ) from None
+    if not (16 <= width <= 8192 and 16 <= height <= 8192):
+        raise InvalidRequest(f"screen_size {width}x{height} is out of range (16-8192)", "screen_size")
+    rng = random.Random(seed)
+    system = (
+        "You are a phone-operating agent. Each step you see the current screenshot and the task; answer "
+        'with one action: do(action="Tap", element=[x, y]), do(action="Type", text="..."), or '
+        'finish(message="..."). ' + words(rng, opts.system_len)
+    )
+    items: list[Item] = []
+    for s, start in enumerate(range(0, n, opts.num_turns)):
+        turns = [f"Step {k + 1}: {words(rng, opts.input_len)}" for k in range(min(opts.num_turns, n - start))]
+        items.append(PhoneSession(s, system, turns, opts.output_len, (width, height), seed * 7919 + s))
+    return Workload("phone-agent", items)
+
+
 def dag_workload(n: int, opts: WorkloadOptions, seed: int) -> Workload:
     """ceil(n / (num_branches + 1)) programs of num_branches + 1 calls each, so n rounded up to whole
     programs. Each program has its own document: the cache can only help within a program, whose
@@ -301,6 +360,7 @@ def make_workload(spec: str, n: int, seed: int, opts: WorkloadOptions | None = N
         "sharegpt-like": sharegpt_like_workload,
         "shared-prefix": shared_prefix_workload,
         "agent": agent_workload,
+        "phone-agent": phone_agent_workload,
         "dag": dag_workload,
     }
     if spec not in builders:

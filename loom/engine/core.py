@@ -14,6 +14,7 @@ from loom.engine.request import Request, RequestStatus
 from loom.engine.runner import ModelRunner
 from loom.engine.scheduler import Scheduler, SchedulerStats
 from loom.engine.step import SchedulerOutput
+from loom.engine.structured.engine import StepBitmask, StructuredOutputManager
 from loom.errors import InvalidRequest
 from loom.kv.manager import KVCacheManager
 
@@ -41,6 +42,14 @@ class EngineCore:
         self.model_config = mcfg = self.runner.model_config
         self.vocab_size = mcfg.vocab_size
         max_len = config.max_model_len or mcfg.max_position_embeddings
+        if max_len > mcfg.max_position_embeddings:
+            # Positions past the model's rotary table were never trained (and are not in it).
+            logger.warning(
+                "max_model_len %d exceeds the model's max_position_embeddings %d; capping it",
+                max_len,
+                mcfg.max_position_embeddings,
+            )
+            max_len = mcfg.max_position_embeddings
         pool_tokens = self.runner.num_blocks * config.block_size
         if max_len > pool_tokens:
             logger.warning(
@@ -59,6 +68,7 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.stats = SchedulerStats()
         self.scheduler = Scheduler(config, self.kv, self.max_model_len, self.stats)
+        self.structured = StructuredOutputManager(self.vocab_size)
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -107,16 +117,23 @@ class EngineCore:
                 self.runner.forget(sched.finished_req_ids)
             return []
         self.runner.update_states(sched)
+        grammar = self.structured.bitmask_for(sched, self.scheduler.requests)  # filled during the forward
         try:
-            result = self.runner.run(sched.num_scheduled_tokens, sched.spec_token_ids)
+            result = self.runner.run(sched.num_scheduled_tokens, sched.spec_token_ids, grammar)
         except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
             logger.warning(
                 "a step of %d requests failed (%s); isolating", len(sched.num_scheduled_tokens), error
             )
-            return self._isolate(sched, error)
+            if grammar is not None:
+                grammar.wait()
+            return self._isolate(sched, error, grammar)
+        if grammar is not None:
+            grammar.wait()  # a step whose sampling rows had no grammar never waited in apply()
         return self.scheduler.update_from_output(sched, result)
 
-    def _isolate(self, sched: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
+    def _isolate(
+        self, sched: SchedulerOutput, error: Exception, grammar: StepBitmask | None = None
+    ) -> list[EngineCoreOutput]:
         """A step failed: find the requests at fault by bisection and fail only them.
 
         The runner is all-or-nothing (no state moves, seeded generators restored), so each half is run
@@ -140,7 +157,7 @@ class EngineCore:
                     spec_token_ids={r: d for r, d in sched.spec_token_ids.items() if r in dict(batch)},
                 )
                 try:
-                    result = self.runner.run(part.num_scheduled_tokens, part.spec_token_ids)
+                    result = self.runner.run(part.num_scheduled_tokens, part.spec_token_ids, grammar)
                 except Exception as e:  # noqa: BLE001 - narrowed down below
                     if len(batch) > 1:
                         mid = len(batch) // 2

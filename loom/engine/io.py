@@ -8,12 +8,16 @@ of them by the frontend, which also gathers their outputs back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from loom.multimodal.inputs import ImageInput
 from loom.outputs import TokenLogprobs
 from loom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loom.engine.structured import CompiledGrammar
 
 
 @dataclass(slots=True)
@@ -38,6 +42,9 @@ class EngineRequest:
     """[3, num_prompt_tokens] M-RoPE positions of a prompt with images (None: plain positions)."""
     mrope_delta: int = 0
     """Generated token i (i >= the prompt's length) is at position i + mrope_delta on every axis."""
+    grammar: CompiledGrammar | None = None
+    """The grammar the output must match (compiled by the frontend); the engine runs one matcher per
+    sequence from it."""
 
 
 @dataclass(slots=True)

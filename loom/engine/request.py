@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from loom.engine.io import EngineRequest
 from loom.multimodal.inputs import ImageInput
 from loom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loom.engine.structured import GrammarMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -67,6 +71,7 @@ class Request:
         "images",
         "mrope_positions",
         "mrope_delta",
+        "grammar",
     )
 
     def __init__(
@@ -106,6 +111,8 @@ class Request:
         self.images = images
         self.mrope_positions = mrope_positions
         self.mrope_delta = mrope_delta
+        self.grammar: GrammarMatcher | None = None
+        """Its grammar state, advanced with each output token (see loom/engine/structured/engine.py)."""
 
     @classmethod
     def from_engine_request(cls, er: EngineRequest, device: torch.device) -> Request:
@@ -113,7 +120,7 @@ class Request:
         if er.seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(er.seed)
-        return cls(
+        req = cls(
             er.request_id,
             list(er.prompt_token_ids),
             er.params,
@@ -126,6 +133,9 @@ class Request:
             mrope_positions=er.mrope_positions,
             mrope_delta=er.mrope_delta,
         )
+        if er.grammar is not None:
+            req.grammar = er.grammar.matcher()
+        return req
 
     @property
     def num_tokens(self) -> int:

@@ -15,6 +15,7 @@ from loom.config import EngineConfig
 from loom.engine.multimodal import MultimodalBatch
 from loom.engine.runner_state import CachedRequestState, RequestStates
 from loom.engine.step import ModelRunnerOutput, SchedulerOutput
+from loom.engine.structured.engine import StepBitmask
 from loom.errors import InvalidRequest
 from loom.layers.attention import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
 from loom.layers.rejection_sampler import verify as verify_drafts
@@ -60,7 +61,9 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_dir(model_path)
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
-        self.model = load_model(model_path, self.dtype, self.device)
+        self.model = load_model(
+            model_path, self.dtype, self.device, config.quantization, config.quantization_group_size
+        )
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         cfg = self.model_config
@@ -126,17 +129,20 @@ class ModelRunner:
             for new in sched.new_reqs:
                 self.mm.admit(self.states[new.req_id])
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, grammar: StepBitmask | None = None) -> ModelRunnerOutput:
         """Take in what the scheduler says changed, then run its batch."""
         self.update_states(sched)
-        return self.run(sched.num_scheduled_tokens, sched.spec_token_ids)
+        return self.run(sched.num_scheduled_tokens, sched.spec_token_ids, grammar)
 
     @torch.inference_mode()
     def run(
-        self, num_scheduled_tokens: dict[str, int], spec_token_ids: dict[str, list[int]] | None = None
+        self,
+        num_scheduled_tokens: dict[str, int],
+        spec_token_ids: dict[str, list[int]] | None = None,
+        grammar: StepBitmask | None = None,
     ) -> ModelRunnerOutput:
         """One forward over these requests (held in `states`), sampling where a request reaches its end
-        and verifying its draft tokens, if it has any.
+        and verifying its draft tokens, if it has any; `grammar` masks the rows of requests under one.
 
         All or nothing: if it raises, no request's state has moved and every seeded generator is back
         where it was, so the engine can run the same requests again (without the one at fault)."""
@@ -220,6 +226,12 @@ class ModelRunner:
             rows = torch.tensor(sample_rows + verify_rows + prompt_rows, device=dev)
             logits = self.model.compute_logits(hidden[rows]).float()
             num_sampling = len(sample_rows) + len(verify_rows)
+            if grammar is not None:  # before penalties and sampling; prompt-logprob rows stay raw
+                grammar.apply(
+                    logits,
+                    [(rid, i, 1) for i, rid in enumerate(sample_ids)]
+                    + [(rid, len(sample_rows) + row, len(d) + 1) for rid, row, d in verify],
+                )
             self._sample(
                 logits[: len(sample_rows)], sample_ids, logits[len(sample_rows) : num_sampling], verify, out
             )

@@ -13,11 +13,9 @@ tokens, checks stop tokens, EOS and lengths, and finishes requests.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,6 +24,8 @@ from loom.engine.io import EngineCoreOutput
 from loom.engine.request import FINISH_REASONS, Request, RequestStatus
 from loom.engine.spec_decode import make_proposer
 from loom.engine.step import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from loom.engine.structured.engine import accept_token, grammar_error, valid_draft
+from loom.engine.waiting_queue import WaitingQueue
 from loom.errors import InvalidRequest
 from loom.kv.manager import NO_HIT, KVCacheManager, PrefixHit
 
@@ -49,64 +49,6 @@ class SchedulerStats:
     """Draft tokens the target model accepted."""
     num_verifications: int = 0
     """Decode steps of a request that verified drafts."""
-
-
-class WaitingQueue:
-    """Waiting requests in policy order: arrival (fcfs) or (priority, arrival) (priority)."""
-
-    def __init__(self, by_priority: bool):
-        self.by_priority = by_priority
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._fifo: deque[Request] = deque()
-        self._tie = itertools.count()
-
-    def _key(self, req: Request) -> tuple[int, float, int, Request]:
-        return (req.priority, req.arrival_time, next(self._tie), req)
-
-    def add(self, req: Request) -> None:
-        if self.by_priority:
-            heapq.heappush(self._heap, self._key(req))
-        else:
-            self._fifo.append(req)
-
-    def add_front(self, req: Request) -> None:
-        """Put a preempted request back where it came from: ahead of later arrivals."""
-        if self.by_priority:
-            heapq.heappush(self._heap, self._key(req))
-        else:
-            self._fifo.appendleft(req)
-
-    def peek(self) -> Request:
-        return self._heap[0][3] if self.by_priority else self._fifo[0]
-
-    def pop(self) -> Request:
-        return heapq.heappop(self._heap)[3] if self.by_priority else self._fifo.popleft()
-
-    def remove(self, req: Request) -> bool:
-        if self.by_priority:
-            for i, entry in enumerate(self._heap):
-                if entry[3] is req:
-                    self._heap.pop(i)
-                    heapq.heapify(self._heap)
-                    return True
-            return False
-        try:
-            self._fifo.remove(req)
-            return True
-        except ValueError:
-            return False
-
-    def __len__(self) -> int:
-        return len(self._heap) if self.by_priority else len(self._fifo)
-
-    def __iter__(self):
-        return iter([e[3] for e in sorted(self._heap)] if self.by_priority else list(self._fifo))
-
-    def first(self, k: int) -> list[Request]:
-        """The first k requests in policy order, without copying the whole queue."""
-        if self.by_priority:
-            return [e[3] for e in heapq.nsmallest(k, self._heap)]
-        return list(itertools.islice(self._fifo, k))
 
 
 class Scheduler:
@@ -243,7 +185,8 @@ class Scheduler:
         )
         if limit <= 0:
             return []
-        return self.proposer.propose(req.request_id, req.all_token_ids, limit, req.program_id)
+        draft = self.proposer.propose(req.request_id, req.all_token_ids, limit, req.program_id)
+        return valid_draft(req, draft)  # a draft the grammar refuses would be rejected anyway
 
     def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> SchedulerOutput:
         out = SchedulerOutput(preempted_req_ids=[r.request_id for r in preempted])
@@ -400,6 +343,8 @@ class Scheduler:
                     if status is not None:
                         self.finish(req, status)
                         out.finish_reason, out.stop_reason = FINISH_REASONS[status], req.stop_reason
+                        if status == RequestStatus.FINISHED_ERROR:
+                            out.error = grammar_error(req)
                         break
             out.first_token_time = req.first_token_time
             outputs.append(out)
@@ -424,11 +369,16 @@ class Scheduler:
             req.first_token_time = now
         req.append_token(token)
         self.stats.num_generated_tokens += 1
+        grammar = accept_token(req, token) if req.grammar is not None else None
+        if grammar == RequestStatus.FINISHED_ERROR:
+            return grammar
         if token in req.params.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
         if token in req.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
+        if grammar is not None:  # the output is complete: only EOS could follow
+            return grammar
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -25,6 +25,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def cmd_make_tiny(args: argparse.Namespace) -> None:
     from loom.models.tiny import make_tiny
 
+    if args.arch == "glm4v" and args.size != "tiny":
+        raise SystemExit("loom make-tiny: error: --arch glm4v comes in --size tiny only")
     path = make_tiny(args.out, arch=args.arch, size=args.size, seed=args.seed)
     print(path)
 

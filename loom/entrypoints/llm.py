@@ -13,7 +13,7 @@ from loom.config import EngineConfig
 from loom.engine.core import EngineCore
 from loom.engine.request import RequestStatus
 from loom.errors import InvalidRequest, RequestFailed
-from loom.frontend.chat import render_chat
+from loom.frontend.chat import process_chat, render_chat
 from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.output_processor import OutputProcessor
 from loom.outputs import CompletionOutput, RequestOutput
@@ -99,12 +99,8 @@ class LLM:
         requests = []
         for conversation, p in zip(conversations, params, strict=True):
             budget = self.input.prompt_budget(p.max_tokens)
-            prompt = render_chat(self.input, conversation, tools, None, "none", budget, "error")
-            requests.append(
-                self.input.process(
-                    str(next(self._ids)), prompt.token_ids, p, images=prompt.images, mrope=prompt.mrope
-                )
-            )
+            prompt = render_chat(self.input, conversation, tools, "none", budget, "error")
+            requests.append(process_chat(self.input, str(next(self._ids)), prompt, p))
         return self._submit(requests, use_tqdm)
 
     def _params(

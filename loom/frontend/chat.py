@@ -1,19 +1,24 @@
 """Chat rendering: messages (and tools) through the model's chat template to prompt tokens, fitted to the
-context by the truncation policy, with a tool call started for the model when one is forced."""
+context by the truncation policy. (A forced tool call is a grammar on the output, not text added here:
+see loom/engine/structured.)"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from loom.errors import InvalidRequest
-from loom.frontend.input_processor import InputProcessor
+from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.multimodal import has_image_parts
-from loom.frontend.tool_parsers import HERMES_START
 from loom.frontend.truncation import fit_chat
 from loom.multimodal.inputs import ImageInput
+
+if TYPE_CHECKING:
+    from loom.engine.structured import CompiledGrammar
+    from loom.sampling_params import SamplingParams
 
 
 @dataclass
@@ -24,9 +29,6 @@ class ChatPrompt:
     tool_names: set[str] = field(default_factory=set)
     parser: str | None = None
     """Tool-call format to parse ("auto", "hermes", "glm4"), or None when tools are off."""
-    prefill: str = ""
-    """Text appended after the generation prompt to force a call (tool_choice required or named); the
-    answer is read as prefill + output."""
     truncated_tokens: int = 0
     """Prompt tokens the truncation policy removed."""
     dropped_messages: int = 0
@@ -52,19 +54,17 @@ def render_chat(
     ip: InputProcessor,
     messages: list[dict],
     tools: list[dict] | None,
-    forced: str | None,
     tool_call_parser: str,
     budget: int,
     truncation: str,
 ) -> ChatPrompt:
     """The conversation as tokens, fitted to `budget` tokens by the truncation policy.
 
-    `tools` are the functions the template shows (None: tools off); `forced` is None unless a call is
-    required ("" for any function, else the function's name)."""
+    `tools` are the functions the template shows (None: tools off)."""
     ip.check_chars(_num_chars(messages, tools), "messages")
     tokenizer = ip.tokenizer
     prompt = ChatPrompt(token_ids=[])
-    images = []
+    images, image_tokens = [], 0
     if has_image_parts(messages):
         if ip.multimodal is None:
             raise InvalidRequest(
@@ -76,27 +76,35 @@ def render_chat(
                 f"truncation {truncation!r} is not supported for prompts with images", param="truncation"
             )
         messages, images = ip.multimodal.prepare_messages(messages)
-        budget -= ip.multimodal.extra_tokens(images)
+        image_tokens = ip.multimodal.extra_tokens(images)
+        budget -= image_tokens
     if tools is not None and tool_call_parser != "none":
         prompt.tool_names = {t["function"]["name"] for t in tools}
         prompt.parser = tool_call_parser
-        # Without constrained decoding, required/named choices are forced by starting the call for the
-        # model, where the template shows the hermes format it expects.
-        if (
-            forced is not None
-            and prompt.parser in ("auto", "hermes")
-            and HERMES_START in tokenizer.apply_chat_template(messages, tools=tools)
-        ):
-            prompt.prefill = HERMES_START + "\n"
-            if forced:
-                prompt.prefill += '{"name": ' + json.dumps(forced) + ', "arguments": '
-    # The prefill starts with a special token, so encoding it apart gives the same ids; it is kept
-    # whatever the policy cuts.
-    prefill = tokenizer.encode(prompt.prefill, add_special_tokens=False) if prompt.prefill else []
-    fitted = fit_chat(tokenizer, messages, tools, budget - len(prefill), ip.max_model_len, truncation)
-    prompt.token_ids = fitted.prompt_token_ids + prefill
+    fitted = fit_chat(tokenizer, messages, tools, budget, ip.max_model_len, truncation, image_tokens)
+    prompt.token_ids = fitted.prompt_token_ids
     if ip.multimodal is not None:
         ids, prompt.images, positions, delta = ip.multimodal.finalize(prompt.token_ids, images)
         prompt.token_ids, prompt.mrope = ids, (positions, delta)
     prompt.truncated_tokens, prompt.dropped_messages = fitted.truncated_tokens, fitted.dropped_messages
     return prompt
+
+
+def process_chat(
+    ip: InputProcessor,
+    request_id: str,
+    prompt: ChatPrompt,
+    params: SamplingParams,
+    grammar: CompiledGrammar | None = None,
+) -> ProcessedRequest:
+    """A rendered conversation, validated and fanned out for the engine, its images and M-RoPE positions
+    with it: the one way the server, `LLM.chat` and the agent runtime hand a chat to the engine."""
+    return ip.process(
+        request_id,
+        prompt.token_ids,
+        params,
+        param="messages",
+        images=prompt.images,
+        mrope=prompt.mrope,
+        grammar=grammar,
+    )

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from loom.engine.io import EngineRequest
+from loom.engine.structured import CompiledGrammar, CompilerConfig
 from loom.errors import ContextLengthExceeded, InvalidRequest
+from loom.frontend.structured import GrammarFrontend, bad_words_token_ids
 from loom.multimodal.inputs import ImageInput
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import Tokenizer
@@ -54,6 +56,7 @@ class InputProcessor:
         max_logprobs: int = 20,
         eos_token_ids: frozenset[int] | set[int] = frozenset(),
         max_prompt_chars: int | None = None,
+        grammar_config: CompilerConfig | None = None,
     ):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -64,6 +67,8 @@ class InputProcessor:
         """Longest text accepted for tokenizing; checked before any tokenizer work is spent on it."""
         self.multimodal: MultimodalProcessor | None = None
         """Image handling, for a model that takes images."""
+        self.grammars = GrammarFrontend(tokenizer, vocab_size, grammar_config)
+        """Compiles the grammars requests constrain their output to (structured output)."""
 
     @classmethod
     def for_engine(
@@ -78,6 +83,7 @@ class InputProcessor:
             core.config.max_logprobs,
             frozenset(core.model_config.eos_token_ids),
             max_prompt_chars,
+            CompilerConfig(compile_timeout_s=core.config.grammar_compile_timeout_s),
         )
         if core.model_config.vision is not None:
             from loom.frontend.multimodal import MultimodalProcessor
@@ -136,6 +142,11 @@ class InputProcessor:
             raise InvalidRequest(
                 f"stop token id {bad} is outside the vocabulary [0, {vocab})", param="stop_token_ids"
             )
+        bad = next((t for t in params.logit_bias or {} if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})", param="logit_bias"
+            )
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise InvalidRequest(f"logprobs may be at most {self.max_logprobs}", param="logprobs")
         if params.max_tokens is None:
@@ -164,10 +175,20 @@ class InputProcessor:
         param: str = "prompt",
         images: tuple[ImageInput, ...] = (),
         mrope: tuple[torch.Tensor | None, int] = (None, 0),
+        grammar: CompiledGrammar | None = None,
     ) -> ProcessedRequest:
         """Validate and fan out into one EngineRequest per completion (`{request_id}#k` when n > 1).
-        `images` and `mrope` (positions, delta) come from MultimodalProcessor.finalize."""
+
+        `images` and `mrope` (positions, delta) come from MultimodalProcessor.finalize. `grammar`: what
+        the output must match (each sequence gets its own matcher); without one,
+        params.structured_outputs is compiled here (blocking up to the compile time bound)."""
         max_tokens = self.validate(prompt_token_ids, params, param)
+        if params.bad_words and params.bad_words_token_ids is None:
+            params = dataclasses.replace(
+                params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words)
+            )
+        if grammar is None and params.structured_outputs is not None:
+            grammar = self.grammars.from_params(params.structured_outputs)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         ids = list(prompt_token_ids)
         seqs = []
@@ -185,6 +206,7 @@ class InputProcessor:
                     images=images,
                     mrope_positions=mrope[0],
                     mrope_delta=mrope[1],
+                    grammar=grammar,
                 )
             )
         return ProcessedRequest(request_id, prompt, ids, params, seqs, arrival)

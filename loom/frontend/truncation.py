@@ -64,8 +64,10 @@ def fit_chat(
     budget: int,
     max_model_len: int,
     policy: str,
+    image_tokens: int = 0,
 ) -> Fitted:
-    """Chat: render, tokenize, and apply the policy until the prompt fits the budget."""
+    """Chat: render, tokenize, and apply the policy until the prompt fits the budget. `image_tokens` are
+    the tokens the images' placeholders will grow by (already taken from `budget`): an error counts them."""
 
     def encode(msgs: list[dict], generation_prompt: bool = True) -> list[int]:
         text = tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=generation_prompt)
@@ -75,7 +77,9 @@ def fit_chat(
     if len(ids) <= budget:
         return Fitted(ids)
     if policy == "error":
-        raise _too_long(len(ids), budget, max_model_len, what="the conversation")
+        raise _too_long(
+            len(ids) + image_tokens, budget + image_tokens, max_model_len, what="the conversation"
+        )
     has_system = bool(messages) and messages[0].get("role") == "system"
     system_ids = encode(messages[:1], generation_prompt=False) if has_system else []
     if len(system_ids) >= budget:

@@ -174,12 +174,16 @@ class AgentRuns:
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def resume(self) -> int:
-        """At start: run again every run a stop or crash interrupted. Returns how many."""
+        """At start: run again every run a stop or crash interrupted. Returns how many.
+
+        Requests are served while the model loads, so a run created since this process started may
+        already be live here (its row says `running` too): that one is not started a second time."""
         rows = self.db.query("SELECT id FROM agent_runs WHERE status IN ('queued', 'running')")
-        for r in rows:
-            logger.info("resuming agent run %s", r["id"])
-            self._start(r["id"])
-        return len(rows)
+        resumed = [r["id"] for r in rows if r["id"] not in self.live]
+        for run_id in resumed:
+            logger.info("resuming agent run %s", run_id)
+            self._start(run_id)
+        return len(resumed)
 
     async def stop(self) -> None:
         """Shutting down: stop the live runs without marking them cancelled, so the next start resumes them."""
@@ -202,6 +206,8 @@ class AgentRuns:
         return row
 
     def _start(self, run_id: str) -> None:
+        if run_id in self.live:  # one runtime per run: two would both write its nodes and events
+            raise RuntimeError(f"agent run {run_id} is already running")
         row = self._row(run_id)
         incarnation = row["incarnation"] + 1
         completed = {
@@ -246,7 +252,12 @@ class AgentRuns:
             completed=completed,
         )
         self.live[run_id] = handle
-        handle._task.add_done_callback(lambda _: self.live.pop(run_id, None))
+
+        def forget(_: object) -> None:
+            if self.live.get(run_id) is handle:  # not a later incarnation's handle
+                del self.live[run_id]
+
+        handle._task.add_done_callback(forget)
 
     def _record(self, run_id: str, incarnation: int, seq: int, event: Event) -> None:
         data = {"time": event.time, "data": event.data}

@@ -23,6 +23,7 @@ from loom.config import EngineConfig
 from loom.jobs.batch_runner import LineRunner
 from loom.jobs.batches import ENDPOINTS, output_line
 from loom.jobs.files import check_batch_jsonl
+from loom.jobs.service import INTERNAL_BASE_URL
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ async def run_batch(
             await asyncio.to_thread(engine.wait_ready)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(
-                transport=transport, base_url="http://loom.internal", timeout=None
+                transport=transport, base_url=INTERNAL_BASE_URL, timeout=None
             ) as client:
                 return await _run_lines(LineRunner(client), lines, concurrency)
 

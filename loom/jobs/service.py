@@ -25,7 +25,7 @@ from loom.jobs.queue import SQLiteQueue, WorkQueue
 
 logger = logging.getLogger(__name__)
 
-INTERNAL_BASE_URL = "http://loom.internal"
+INTERNAL_BASE_URL = "http://127.0.0.1"  # a loopback Host: the edge answers it on keyless servers
 """Base URL of in-process requests (never resolved: the transport calls the app directly)."""
 
 

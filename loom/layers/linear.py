@@ -1,21 +1,17 @@
 """Linear layers, including the packed ones (qkv_proj, gate_up_proj) that checkpoints may store split.
 
 Each parameter carries a `weight_loader(param, tensor, shard_id)` the model loader calls, so packing is
-the layer's business and the loader stays a name mapping.
-
-On CPU in bfloat16, `prepack_linears` reorders every weight once, after loading, into oneDNN's blocked
-layout. A plain `F.linear` reorders the weight on every call, which costs as much as the product itself
-at decode batch sizes: prepacked, a [16, 768] x [768, 4864] GEMM runs at 415 instead of 231 GFLOP/s on
-the 2-core benchmark machine (little difference from M = 256 up).
+the layer's business and the loader stays a name mapping. How a layer multiplies is its `method`
+(loom/layers/quant/): plain `F.linear` until the loader, once the checkpoint is in, gives every layer the
+method the engine config names (oneDNN-prepacked bf16, int8, int4) and lets it process the weight once.
 """
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from loom.layers.quant import UNQUANTIZED, LinearMethod
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -24,30 +20,9 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
     param.data.copy_(loaded)
 
 
-# The batch size oneDNN tunes a prepacked weight's layout for: a typical decode step's rows.
-PREPACK_BATCH_HINT = 32
-
-
-def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and _onednn_bf16_prepack_works()
-
-
-@cache
-def _onednn_bf16_prepack_works() -> bool:
-    """Whether oneDNN's bf16 weight reorder runs on this CPU: it needs AVX-512 (bw, vl, dq) or
-    AVX-NE-CONVERT, and raises on a plain AVX2 machine, where F.linear is the only way."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return False
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), PREPACK_BATCH_HINT)
-    except RuntimeError:
-        return False
-    return True
-
-
 class Linear(nn.Module):
-    packed: torch.Tensor | None = None
-    """The weight in oneDNN's layout once `prepack` ran (then `weight` may be an empty placeholder)."""
+    method: LinearMethod = UNQUANTIZED
+    """How forward multiplies; set by `loom.layers.quant.process_linears` after loading."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -64,31 +39,11 @@ class Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
 
-    def prepack(self, keep_weight: bool) -> None:
-        """Reorder the weight for oneDNN (see the module docstring). Without keep_weight the plain copy is
-        freed: only a weight something else also uses (tied embeddings) needs to stay."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PREPACK_BATCH_HINT)
-        if not keep_weight:
-            self.weight.data = self.weight.data.new_empty(0)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)
 
-
-def prepack_linears(model: nn.Module) -> int:
-    """Prepack every Linear of a loaded model when its dtype and device gain from it; returns how many."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if not linears or not can_prepack(linears[0].weight.dtype, linears[0].weight.device):
-        return 0
-    # Parameters a non-Linear module uses too (a tied lm_head shares the embedding) keep their plain copy.
-    shared = {
-        id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)
-    }
-    for linear in linears:
-        linear.prepack(keep_weight=id(linear.weight) in shared)
-    return len(linears)
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method.name}"
 
 
 class MergedLinear(Linear):

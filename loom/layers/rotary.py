@@ -63,20 +63,31 @@ class RotaryEmbedding(nn.Module):
         # float32 cache, cast per call to the activations' dtype (as HF does).
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        self._memo: tuple | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; positions is
         [num_tokens], or [3, num_tokens] (temporal, height, width) in M-RoPE mode."""
+        cos, sin = self._cos_sin(positions, q.dtype)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every layer of a model shares one RotaryEmbedding and gets the same positions tensor in a
+        # forward: the gather and cast are done by the first layer and reused by the others.
+        memo = self._memo
+        if memo is not None and memo[0] is positions and memo[1] == dtype:
+            return memo[2], memo[3]
         cos, sin = self.cos_cache[positions], self.sin_cache[positions]
         if positions.dim() == 2:
             # M-RoPE: frequency band i (of mrope_section) turns with position axis i. [3, n, rot/2] -> [n, rot/2]
             cos = torch.cat([c[i] for i, c in enumerate(cos.split(self.mrope_section, dim=-1))], dim=-1)
             sin = torch.cat([s[i] for i, s in enumerate(sin.split(self.mrope_section, dim=-1))], dim=-1)
-        cos = cos.to(q.dtype).unsqueeze(1)  # [num_tokens, 1, rot/2]
-        sin = sin.to(q.dtype).unsqueeze(1)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        cos = cos.to(dtype).unsqueeze(1)  # [num_tokens, 1, rot/2]
+        sin = sin.to(dtype).unsqueeze(1)
+        self._memo = (positions, dtype, cos, sin)
+        return cos, sin
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot = x[..., : self.rotary_dim]

@@ -1,7 +1,8 @@
 """The sampler: logits of the positions that sample -> next tokens (and log-probabilities).
 
-Order of operations (as in vLLM and HF): penalties on the raw logits, min_tokens masking, then greedy
-rows take the argmax; the others are divided by temperature, filtered by top-k, top-p and min-p and
+Order of operations (as in vLLM and HF): a request's grammar mask (applied by the runner before this),
+penalties on the raw logits, logit_bias, bans (bad_words, and EOS/stop tokens before min_tokens; a ban
+that would leave no token at all is lifted: the grammar wins), then greedy rows take the argmax; the others are divided by temperature, filtered by top-k, top-p and min-p and
 sampled. Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), drawing E for seeded
 requests from their own generator, so a seeded request gets the same tokens whatever batch it is in.
 Log-probabilities are those of the model's raw distribution (before penalties and temperature).
@@ -43,6 +44,17 @@ class SamplerOutput:
     """Per row: {sampled token: logprob, then the top `logprobs` tokens}, or None if not asked."""
 
 
+def bad_word_bans(words: list[list[int]], generated: list[int]) -> list[int]:
+    """The last token of each bad word whose other tokens are the end of `generated` (vLLM's rule: a
+    one-token word is always banned)."""
+    banned = []
+    for word in words:
+        prefix = word[:-1]
+        if not prefix or (len(generated) >= len(prefix) and generated[-len(prefix) :] == prefix):
+            banned.append(word[-1])
+    return banned
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator: torch.Generator | None = None
@@ -60,14 +72,28 @@ class Sampler:
         return SamplerOutput(token_list, self._logprobs(raw, token_list, meta))
 
     def processed(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Penalties and min_tokens bans applied to float32 logits (a copy when anything changes)."""
+        """Penalties, logit_bias and bans applied to float32 logits (a copy when anything changes)."""
         raw = logits
         logits = self._apply_penalties(logits, meta)
+        for row, p in enumerate(meta.params):
+            if p.logit_bias:
+                if logits is raw:
+                    logits = logits.clone()
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[row].index_add_(0, ids, bias)
         for row, banned in enumerate(meta.banned_token_ids):
+            p = meta.params[row]
+            if p.bad_words_token_ids:
+                banned = banned + bad_word_bans(p.bad_words_token_ids, meta.output_token_ids[row])
             if banned:
                 if logits is raw:
                     logits = logits.clone()
+                kept = logits[row, banned].clone()
                 logits[row, banned] = float("-inf")
+                if bool(torch.isneginf(logits[row]).all()):
+                    # A grammar that allows only banned tokens here (only EOS, before min_tokens) wins.
+                    logits[row, banned] = kept
         return logits
 
     def probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -145,21 +145,12 @@ VISION_SIZES = dict(
 
 def build_tokenizer():
     """The tiny byte-level BPE (trained on tiny.py's corpus) with GLM's added tokens appended in order."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    from loom.models.tiny import corpus_lines
+    from loom.models.tiny import byte_level_bpe, corpus_lines
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS) - len(MARKUP_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    tok = byte_level_bpe(corpus_lines(), VOCAB_SIZE - len(SPECIAL_TOKENS) - len(MARKUP_TOKENS))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
     return PreTrainedTokenizerFast(

@@ -97,6 +97,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList([layer_cls(cfg) for _ in range(cfg.num_layers)])
+        # One rotary table for the whole model: its cos/sin for a step are computed once, not per layer.
+        for layer in self.layers[1:]:
+            layer.self_attn.rotary_emb = self.layers[0].self_attn.rotary_emb
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(

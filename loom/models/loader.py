@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from loom.errors import ModelLoadError
-from loom.layers.linear import prepack_linears
+from loom.layers.quant import LinearMethod, linear_method, lm_head_method, process_linears, weight_bytes
 from loom.models.config import ModelConfig
 from loom.models.registry import model_class
 
@@ -51,14 +51,33 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str | None = None,
+    group_size: int = 128,
+    reference: bool = False,
+    lm_head: LinearMethod | None = None,
+) -> nn.Module:
+    """Build the model, load the float checkpoint, then let every linear's method process its weight once
+    (quantize, or prepack): the float copies are freed as each layer is converted. `reference` gives each
+    linear its method's plain-PyTorch twin instead (for tests); `lm_head` overrides the output projection's
+    method (for benchmarks that measure the choice)."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     cls = model_class(cfg.architecture)
+    # Checked before anything is allocated, so a device or dtype that cannot run it fails at once.
+    method = linear_method(quantization, group_size, dtype, torch.device(device))
     with _default_dtype(dtype), torch.device(device):
         model = cls(cfg)
     load_weights(model, path, dtype)
-    prepack_linears(model)
+    before = weight_bytes(model)
+    lm_head = lm_head or lm_head_method(quantization, method)
+    counts = process_linears(model, method, lm_head, reference=reference)
+    logger.info(
+        "linear methods %s; weights %.1f MiB -> %.1f MiB", counts, before / 2**20, weight_bytes(model) / 2**20
+    )
     return model.eval()
 
 

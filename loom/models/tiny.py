@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -175,25 +176,40 @@ def corpus_lines(seed: int = 0, n: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer():
-    """Train the byte-level BPE (2048 tokens incl. specials) and wrap it as a PreTrainedTokenizerFast.
-
-    Byte-level pre-tokenization makes every unicode string encode losslessly whatever the corpus held.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def byte_level_bpe(lines: Iterable[str], vocab_size: int, special_tokens: list[str] | tuple = ()):
+    """A byte-level BPE (`tokenizers`) trained on `lines`: special_tokens first in the vocabulary, then
+    the 256 byte symbols and merges up to vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(TOOL_TOKENS),
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
+    return tok
+
+
+def build_tokenizer(
+    lines: Iterable[str] | None = None, vocab_size: int = VOCAB_SIZE, model_max_length: int = 4096
+):
+    """Train a byte-level BPE of vocab_size tokens (specials and tool tokens included) on `lines` (the
+    tiny models' generated corpus by default) and wrap it as a PreTrainedTokenizerFast with the ChatML
+    template.
+
+    Byte-level pre-tokenization makes every unicode string encode losslessly whatever the corpus held.
+    """
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_level_bpe(
+        corpus_lines() if lines is None else lines, vocab_size - len(TOOL_TOKENS), SPECIAL_TOKENS
+    )
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -201,7 +217,7 @@ def build_tokenizer():
         pad_token=EOS_TOKEN,
         additional_special_tokens=SPECIAL_TOKENS[1:],
         clean_up_tokenization_spaces=False,
-        model_max_length=4096,
+        model_max_length=model_max_length,
         chat_template=CHAT_TEMPLATE,
     )
 

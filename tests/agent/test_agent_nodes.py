@@ -49,7 +49,13 @@ def test_llm_json_node_retries_until_the_reply_validates():
     # Every call carries the run's program id; node sampling overrides the workflow's defaults.
     assert {c["program_id"] for c in client.calls} == {result.record.program_id}
     assert client.ended == [result.record.program_id]  # told the serving side the program is over
-    assert client.calls[0]["sampling"] == {"max_tokens": 64, "temperature": 0.7}
+    # The schema goes to the client as a constraint (the engine enforces it; a client that cannot is
+    # still checked and retried, as here).
+    assert client.calls[0]["sampling"] == {
+        "max_tokens": 64,
+        "temperature": 0.7,
+        "structured_outputs": {"json": PLAN},
+    }
     assert client.calls[2]["sampling"] == {"max_tokens": 64, "temperature": 0.0}
 
 

@@ -41,3 +41,26 @@ def test_research_fanout_over_http_shares_prefix_and_releases_pins(launch_server
         "the run's end should release its pins now, not at TTL"
     )
     assert server.metric("loom_prefix_cache_hits_total") > 0
+
+
+def test_constrained_nodes_over_http(launch_server):
+    """plan_execute's planner schema goes out as response_format and the phone agent's grammar as
+    structured_outputs: the server enforces both, so the random-weight model's replies parse."""
+    server = launch_server("agent-http").wait_ready()
+    plan = load_workflow(EXAMPLES / "plan_execute.yaml")
+    for name in ("step_1", "step_2", "step_3", "answer"):
+        plan.nodes[name].sampling["max_tokens"] = 8
+    phone = load_workflow(EXAMPLES / "phone_agent.yaml")
+
+    async def run():
+        client = OpenAIClient(server.url + "/v1", "unused", model=server.model)
+        return (
+            await Runtime(client).run(plan, {"goal": "a workshop"}),
+            await Runtime(client).run(phone, {"task": "Turn on Wi-Fi"}),
+        )
+
+    planned, acted = asyncio.run(run())
+    assert planned.ok, planned.errors
+    assert len(planned.outputs["planner"]["steps"]) == 3
+    assert acted.ok, acted.errors
+    assert acted.outputs["action"].startswith(("do(action=", "finish(message="))

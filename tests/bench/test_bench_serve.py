@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -159,3 +161,29 @@ def test_cli_writes_the_documented_json_and_png(server, tmp_path, capsys):
     assert result["goodput_slos_ms"] == {"ttft": 60000.0, "e2el": 60000.0}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Serving Benchmark Result" in capsys.readouterr().out
+
+
+def test_cli_exits_non_zero_when_requests_fail(server, tmp_path):
+    """A prompt over the model's context is a failed request, and the run says so in its exit status
+    (after writing the JSON, which holds each request's error)."""
+    out = tmp_path / "r.json"
+    argv = ["serve", "--base-url", server.url, "--model", server.model, "--workload", "random"]
+    argv += ["--input-len", "6000", "--output-len", "2", "--num-requests", "2", "--warmup", "0"]
+    with pytest.raises(SystemExit, match="2 of 2 requests failed; first error: HTTP 400"):
+        main(argv + ["--no-progress", "--json", str(out)])
+    assert json.loads(out.read_text())["failed"] == 2
+
+
+def test_the_readme_bench_command_fits_the_tiny_model(server, tmp_path):
+    """The README's agent-workload command, with fewer requests and no rate limit: every request succeeds."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = next(c for b in readme.split("```bash\n") if "loom bench serve" in (c := b.split("```")[0]))
+    argv = shlex.split(command.replace("\\\n", " "))[2:]  # after `loom bench`
+    for flag, value in (("--base-url", server.url), ("--model", server.model), ("--num-requests", "8"),
+                        ("--request-rate", "inf"), ("--json", str(tmp_path / "r.json")),
+                        ("--png", str(tmp_path / "r.png"))):  # fmt: skip
+        argv[argv.index(flag) + 1] = value
+    i = argv.index("--api-key")
+    del argv[i : i + 2]  # this server has no key
+    main(argv + ["--no-progress"])
+    assert json.loads((tmp_path / "r.json").read_text())["failed"] == 0

@@ -154,3 +154,31 @@ def test_jsonl_workload(tmp_path):
 def test_unknown_workload_is_refused():
     with pytest.raises(InvalidRequest, match="unknown workload"):
         make_workload("sharegpt", 10, seed=0)
+
+
+def test_phone_agent_sessions_send_one_fresh_screenshot_per_step():
+    import base64
+    import io
+
+    from PIL import Image
+
+    opts = WorkloadOptions(num_turns=3, input_len=4, output_len=2, system_len=8, screen_size="120x260")
+    wl = make_workload("phone-agent", 6, seed=5, opts=opts)
+    assert wl.name == "phone-agent" and len(wl.items) == 2
+    session = wl.items[0]
+    answers = ["tap one", "tap two"]
+    urls = []
+    for turn in range(3):
+        messages = session.request(turn, answers[:turn]).messages
+        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+        images = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+        # Only the newest user message carries a screenshot; earlier steps keep their text only.
+        assert len(images) == 1 and isinstance(messages[-1]["content"], list)
+        assert all(isinstance(m["content"], str) for m in messages[:-1])
+        assert [m["content"] for m in messages if m["role"] == "assistant"] == answers[:turn]
+        raw = base64.b64decode(images[0].split(",", 1)[1])
+        assert Image.open(io.BytesIO(raw)).size == (120, 260)
+        urls.append(images[0])
+    assert len(set(urls)) == 3  # a fresh screen every step: never an encoder-cache hit by content
+    with pytest.raises(InvalidRequest):
+        make_workload("phone-agent", 2, seed=0, opts=WorkloadOptions(screen_size="big"))

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loom import LLM, SamplingParams
-from loom.layers.linear import Linear, can_prepack, prepack_linears
+from loom.layers.quant import OneDNNPrepacked, can_prepack
 
 ARCHS = ["llama", "qwen2", "glm", "glm4"]
 
@@ -35,34 +35,8 @@ def test_bf16_error_is_no_larger_than_hf_bf16(arch, tiny_model_dir):
 
     llm = LLM(str(path), dtype="bfloat16", num_blocks=64, max_num_batched_tokens=64)  # chunked prefill
     if can_prepack(torch.bfloat16, torch.device("cpu")):
-        assert llm.engine.runner.model.model.layers[0].mlp.down_proj.packed is not None
+        assert isinstance(llm.engine.runner.model.model.layers[0].mlp.down_proj.method, OneDNNPrepacked)
     out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1), use_tqdm=False)[0]
     ours = torch.tensor([out.prompt_logprobs[i][prompt[i]] for i in range(1, len(prompt))])
     our_error = (ours - reference).abs().mean().item()
     assert our_error <= 1.5 * hf_error + 1e-3, (our_error, hf_error)
-
-
-def test_prepacked_linear_matches_f_linear_and_keeps_only_shared_weights():
-    torch.manual_seed(0)
-    model = torch.nn.Module()
-    model.embed = torch.nn.Embedding(100, 64, dtype=torch.bfloat16)
-    model.head = Linear(64, 100).to(torch.bfloat16)
-    model.head.weight = model.embed.weight  # tied, as lm_head to embed_tokens
-    model.proj = Linear(64, 48, bias=True).to(torch.bfloat16)
-    torch.nn.init.normal_(model.proj.weight)
-    torch.nn.init.normal_(model.proj.bias)
-    x = torch.randn(7, 64, dtype=torch.bfloat16)
-    expected = torch.nn.functional.linear(x, model.proj.weight, model.proj.bias).float()
-    head_expected = torch.nn.functional.linear(x, model.embed.weight).float()
-
-    if not can_prepack(torch.bfloat16, torch.device("cpu")):
-        # A CPU without AVX-512 or AVX-NE-CONVERT: nothing is prepacked and plain F.linear runs.
-        assert prepack_linears(model) == 0
-        assert model.proj.packed is None
-        torch.testing.assert_close(model.proj(x).float(), expected, rtol=0, atol=0)
-        return
-    assert prepack_linears(model) == 2
-    torch.testing.assert_close(model.proj(x).float(), expected, rtol=1e-2, atol=0.25)
-    torch.testing.assert_close(model.head(x).float(), head_expected, rtol=1e-2, atol=0.25)
-    assert model.proj.weight.numel() == 0  # the plain copy is freed
-    assert model.embed.weight.shape == (100, 64)  # the tied one stays for the embedding lookup

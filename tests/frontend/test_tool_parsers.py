@@ -192,18 +192,6 @@ def test_chat_stream_emits_content_then_the_tool_call_delta():
     ]
 
 
-def test_forced_call_prefill_is_read_back_as_part_of_the_call():
-    prefill = '<tool_call>\n{"name": "get_weather", "arguments": '
-    prompt = ChatPrompt([1, 2, 3], tool_names={"get_weather"}, parser="auto", prefill=prefill)
-    chunks = _stream(_StubState(['{"city": ', '"Oslo"}}\n</tool_call>']), prompt)
-    calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls") or []]
-    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
-    resp = ChatCompletions(_StubState([]))._response(
-        BODY, prompt, JOB, _final('{"city": "Oslo"}}\n</tool_call>'), None
-    )
-    assert resp.choices[0].message.tool_calls[0].function.name == "get_weather"
-
-
 # ---- rendering tools through the real tiny chat template --------------------------------------------
 
 
@@ -217,18 +205,19 @@ def test_render_tools_and_tool_choice(tiny_llama_dir):
 
     def render(messages=messages, **fields) -> ChatPrompt:
         body = ChatCompletionRequest(messages=messages, **fields)
-        tools, forced = _tools(body)
-        return render_chat(ip, _messages(body), tools, forced, "auto", 4000, "error")
+        tools, _ = _tools(body)
+        return render_chat(ip, _messages(body), tools, "auto", 4000, "error")
 
     plain, auto = render(), render(tools=[TOOL])
     assert "get_weather" in tok.decode(auto.token_ids, skip_special_tokens=False)
-    assert auto.parser == "auto" and auto.tool_names == {"get_weather"} and auto.prefill == ""
+    assert auto.parser == "auto" and auto.tool_names == {"get_weather"}
     none = render(tools=[TOOL], tool_choice="none")
     assert none.token_ids == plain.token_ids and none.parser is None
+    # A forced call is a grammar on the output (tests/entrypoints/server/test_structured_output.py):
+    # the prompt is the template's, nothing is started for the model.
     named = render(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert named.prefill.startswith("<tool_call>") and '"get_weather"' in named.prefill
-    assert tok.decode(named.token_ids, skip_special_tokens=False).endswith(named.prefill)
-    assert render(tools=[TOOL], tool_choice="required").prefill == "<tool_call>\n"
+    assert named.token_ids == auto.token_ids
+    assert render(tools=[TOOL], tool_choice="required").token_ids == auto.token_ids
     with pytest.raises(InvalidRequest) as e:
         render(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}})
     assert e.value.param == "tool_choice"

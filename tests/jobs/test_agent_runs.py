@@ -142,3 +142,37 @@ def test_run_resumes_after_kill_9_from_its_unfinished_nodes(launch_server, tmp_p
         e for e in events if e["incarnation"] == 2 and e["kind"] == "node_finished" and e["node"] == "first"
     ]
     assert resumed and resumed[0]["data"]["resumed"] is True
+
+
+def test_resume_does_not_start_a_run_this_process_already_runs(tmp_path):
+    """The server answers requests while the model loads, before it resumes interrupted runs: a run
+    created in that window is live already when resume() looks for `running` rows, and must not get a
+    second runtime (that was a third incarnation after a kill -9: one too many before it)."""
+    import asyncio
+
+    from loom.agent.runtime import Runtime
+    from loom.agent.tools import ToolRegistry
+    from loom.jobs.agent_runs import AgentRuns
+    from loom.jobs.db import Database
+
+    spec = {"name": "py", "nodes": [{"name": "both", "kind": "python", "function": "collect"}]}
+
+    async def main() -> tuple[dict, dict, int]:
+        db = Database(tmp_path / "loom.db")
+        runs = AgentRuns(db, lambda: Runtime(None, ToolRegistry()), ToolRegistry())
+        created = runs.create(spec)
+        interrupted = runs.create(spec)
+        runs.live.pop(interrupted["id"])._task.cancel()  # as if the process had died with it running
+        resumed = runs.resume()
+        for _ in range(200):
+            if not runs.live:
+                break
+            await asyncio.sleep(0.01)
+        out = runs.get(created["id"]), runs.get(interrupted["id"]), resumed
+        db.close()
+        return out
+
+    created, interrupted, resumed = asyncio.run(main())
+    assert resumed == 1
+    assert created["status"] == "ok" and created["incarnation"] == 1
+    assert interrupted["status"] == "ok" and interrupted["incarnation"] == 2

@@ -243,7 +243,7 @@ def test_huge_upload_is_refused_before_its_body_is_read(servers):
     server = servers["slow"]
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 2147483648\r\n\r\n"
         )
         reply = sock.recv(65536).decode()  # answered with nothing of the 2 GB sent

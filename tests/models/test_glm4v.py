@@ -93,16 +93,24 @@ def setup(tiny_model_dir):
     return model_dir, hf, ours, cases, refs
 
 
-@torch.inference_mode()
 def hf_greedy(hf, case: Case) -> tuple[list[int], list[torch.Tensor]]:
     ids = torch.tensor([case.hf_ids])
+    if not case.images:
+        return hf_generate(hf, ids)
+    return hf_generate(hf, ids, case.hf_inputs["pixel_values"], case.hf_inputs["image_grid_thw"])
+
+
+@torch.inference_mode()
+def hf_generate(
+    hf, ids: torch.Tensor, pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None
+) -> tuple[list[int], list[torch.Tensor]]:
+    """HF's greedy tokens for [1, n] ids (with their images, if any) and the scores of each step."""
     extra = {}
-    if case.images:
-        image_id = hf.config.image_token_id
+    if pixel_values is not None:
         extra = dict(
-            pixel_values=case.hf_inputs["pixel_values"],
-            image_grid_thw=case.hf_inputs["image_grid_thw"],
-            mm_token_type_ids=(ids == image_id).int(),
+            pixel_values=pixel_values,
+            image_grid_thw=grid_thw,
+            mm_token_type_ids=(ids == hf.config.image_token_id).int(),
         )
     out = hf.generate(
         ids,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_glm4v import MAX_NEW, NEAR_TIE
+from test_glm4v import MAX_NEW, NEAR_TIE, hf_generate
 from transformers import AutoTokenizer, Glm4vForConditionalGeneration, Glm4vImageProcessorPil
 
 from loom import LLM, SamplingParams
@@ -55,7 +55,6 @@ def hf(tiny_model_dir):
     )
 
 
-@torch.inference_mode()
 def hf_greedy(hf, messages: list[dict]) -> tuple[list[int], list[torch.Tensor]]:
     """HF's own processing of the conversation (image parts as {"type": "image"}), then generate."""
     _, model, tok, proc = hf
@@ -73,31 +72,15 @@ def hf_greedy(hf, messages: list[dict]) -> tuple[list[int], list[torch.Tensor]]:
             m = {**m, "content": parts}
         hf_messages.append(m)
     text = tok.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
-    extra = {}
     if images:
         inputs = proc(images=images, return_tensors="pt")
         for t, h, w in inputs["image_grid_thw"].tolist():
             text = text.replace("<|image|>", "<|placeholder|>" * (t * h * w // 4), 1)
         text = text.replace("<|placeholder|>", "<|image|>")
     ids = torch.tensor([tok(text).input_ids])
-    if images:
-        extra = dict(
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=(ids == model.config.image_token_id).int(),
-        )
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=MAX_NEW,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-        eos_token_id=None,
-        pad_token_id=0,
-        **extra,
-    )
-    return out.sequences[0, ids.shape[1] :].tolist(), [s[0].float() for s in out.scores]
+    if not images:
+        return hf_generate(model, ids)
+    return hf_generate(model, ids, inputs["pixel_values"], inputs["image_grid_thw"])
 
 
 def assert_matches(tokens: list[int], ref, what: str) -> None:

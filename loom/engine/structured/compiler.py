@@ -16,7 +16,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.hf
 
 from loom.engine.structured.llg import to_llguidance
 from loom.engine.structured.matcher import GrammarMatcher
@@ -81,6 +80,8 @@ class GrammarCompiler:
             raise ValueError(f"vocab_size {self.vocab_size} is below the tokenizer's {tokenizer.vocab_size}")
         # Every EOS id of the model (a chat model often has two) ends a grammar-complete output.
         self.eos_token_ids = sorted(tokenizer.eos_token_ids)
+        import llguidance.hf  # imports transformers: only once a compiler is made
+
         self.ll_tokenizer = llguidance.hf.from_tokenizer(
             tokenizer.hf, n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None
         )

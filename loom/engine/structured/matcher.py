@@ -10,18 +10,19 @@ state for the other completions of an n > 1 request.
 from __future__ import annotations
 
 import llguidance
-import llguidance.torch
 import torch
 
 
 class GrammarMatcher:
     """The grammar state of one sequence (a thin wrapper over llguidance.LLMatcher)."""
 
-    __slots__ = ("_m", "_num_tokens")
+    __slots__ = ("_m", "_num_tokens", "failure")
 
     def __init__(self, matcher: llguidance.LLMatcher, num_tokens: int = 0):
         self._m = matcher
         self._num_tokens = num_tokens
+        self.failure: str | None = None
+        """Why the engine gave up on this matcher (a refused token, a failed mask), besides `error`."""
 
     def accept_token(self, token_id: int) -> bool:
         """Advance by one token. False if the grammar forbids it here; the state is then unchanged.
@@ -74,13 +75,18 @@ class GrammarMatcher:
         """
         return self._m.get_error() or None
 
+    def fail(self, why: str) -> None:
+        """Mark the matcher failed: its sequence ends with an error saying why."""
+        self.failure = self.failure or why
+
     def fork(self) -> GrammarMatcher:
         """An independent copy of this state (the other completions of an n > 1 request)."""
         return GrammarMatcher(self._m.deep_copy(), self._num_tokens)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (int32 [rows, ceil(vocab / 32)], on CPU)."""
-        llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+        v = _check_bitmask(bitmask)[row]
+        self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
 
 
 class MaskFiller:
@@ -96,6 +102,18 @@ class MaskFiller:
     def fill(self, rows: list[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> None:
         """Fill bitmask[row] for each (matcher, row); rows without a matcher are left as they were."""
         if rows:
-            llguidance.torch.fill_next_token_bitmask_par(
-                self._executor, [(m._m, row) for m, row in rows], bitmask
+            words = _check_bitmask(bitmask).shape[1]
+            self._executor.unsafe_compute_mask_ptr(
+                [(m._m, row) for m, row in rows], bitmask.data_ptr(), words * 4, bitmask.shape[0]
             )
+
+
+def _check_bitmask(bitmask: torch.Tensor) -> torch.Tensor:
+    # llguidance writes through the raw pointer: the tensor must be what it assumes. (Its own
+    # llguidance.torch wrappers check the same, but importing that module pulls in torch.compile's
+    # stack, ~5 s of every process start.)
+    if not (
+        bitmask.dtype == torch.int32 and bitmask.is_cpu and bitmask.dim() == 2 and bitmask.is_contiguous()
+    ):
+        raise ValueError("a token bitmask must be a contiguous 2-D int32 CPU tensor")
+    return bitmask

@@ -26,6 +26,7 @@ from loom.entrypoints.server.errors import install_error_handlers
 from loom.entrypoints.server.files import files_router
 from loom.entrypoints.server.openapi import errors, install_openapi, streamed
 from loom.entrypoints.server.serving import ServerState
+from loom.entrypoints.server.tokenize import install_tokenizer_routes
 from loom.jobs.metrics import JobsCollector
 from loom.tracing import NO_TRACING, HTTPSpans, Tracing
 
@@ -171,5 +172,6 @@ def create_app(
         state.engine.release_program(program_id)
         return {"released": True}
 
+    install_tokenizer_routes(app, state)
     install_openapi(app, state.model_name, api_key=server_config.api_key is not None, open_paths=OPEN_PATHS)
     return app

@@ -3,10 +3,12 @@ the background below interactive traffic (loom/jobs/batch_runner.py); results la
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
+
+from loom.entrypoints.server.openapi import errors
 
 if TYPE_CHECKING:  # the jobs package imports the agent runtime, which imports the server's parsers
     from loom.jobs.service import JobService
@@ -24,12 +26,12 @@ class CreateBatchRequest(BaseModel):
 def batches_router(jobs: JobService) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/batches")
+    @router.post("/v1/batches", responses=errors(404, 503, 507))
     async def create(body: CreateBatchRequest) -> dict:
         return jobs.batches.create(body.input_file_id, body.endpoint, body.completion_window, body.metadata)
 
-    @router.get("/v1/batches")
-    async def list_batches(after: str | None = None, limit: int = 20) -> dict:
+    @router.get("/v1/batches", responses=errors(404))
+    async def list_batches(after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
         data = jobs.batches.list(after, limit + 1)
         page = data[:limit]
         return {
@@ -40,11 +42,11 @@ def batches_router(jobs: JobService) -> APIRouter:
             "has_more": len(data) > limit,
         }
 
-    @router.get("/v1/batches/{batch_id}")
+    @router.get("/v1/batches/{batch_id}", responses=errors(404))
     async def get(batch_id: str) -> dict:
         return jobs.batches.get(batch_id)
 
-    @router.post("/v1/batches/{batch_id}/cancel")
+    @router.post("/v1/batches/{batch_id}/cancel", responses=errors(404, 507))
     async def cancel(batch_id: str) -> dict:
         return jobs.batches.cancel(batch_id)
 

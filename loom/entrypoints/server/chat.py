@@ -28,8 +28,9 @@ from loom.entrypoints.server.response_caching import (
 )
 from loom.entrypoints.server.serving import ServerState
 from loom.entrypoints.server.sse import SSEResponse, sse_events
+from loom.entrypoints.server.structured import check_prompt_logprobs, compile_grammar, prompt_logprobs_json
 from loom.errors import InvalidRequest
-from loom.frontend.chat import ChatPrompt, render_chat
+from loom.frontend.chat import ChatPrompt, process_chat, render_chat
 from loom.frontend.input_processor import ProcessedRequest
 from loom.frontend.tool_parsers import ToolCall, ToolCallStream, parse_tool_calls
 from loom.outputs import CompletionOutput, RequestOutput
@@ -120,15 +121,13 @@ class ChatCompletions:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
-        if body.response_format and body.response_format.get("type") != "text":
-            raise InvalidRequest(
-                "only response_format {'type': 'text'} is supported", param="response_format"
-            )
+        check_prompt_logprobs(body, ip.max_logprobs)
         params = sampling_params(
             body,
             state.config.max_n,
             max_tokens,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            prompt_logprobs=body.prompt_logprobs,
             renamed={"logprobs": "top_logprobs"},
         )
         truncation = state.truncation_policy(body, chat=True)
@@ -144,27 +143,14 @@ class ChatCompletions:
             # A template is code run on the server; only the model's own is trusted.
             raise InvalidRequest("a request may not supply its own chat_template", param="chat_template")
         messages = _messages(body)
-        tools, forced = _tools(body)
+        tools, _ = _tools(body)
+        grammar = await compile_grammar(state, ip, body, chat=True)
 
         def prepare() -> tuple[ChatPrompt, ProcessedRequest]:
             prompt = render_chat(
-                ip,
-                messages,
-                tools,
-                forced,
-                state.config.tool_call_parser,
-                ip.prompt_budget(max_tokens),
-                truncation,
+                ip, messages, tools, state.config.tool_call_parser, ip.prompt_budget(max_tokens), truncation
             )
-            job = ip.process(
-                new_id("chatcmpl"),
-                prompt.token_ids,
-                params,
-                param="messages",
-                images=prompt.images,
-                mrope=prompt.mrope,
-            )
-            return prompt, job
+            return prompt, process_chat(ip, new_id("chatcmpl"), prompt, params, grammar)
 
         prompt, job = await state.in_thread(prepare)
         lease = state.admit([len(prompt.token_ids)], params.n)
@@ -194,7 +180,7 @@ class ChatCompletions:
     ) -> p.ChatCompletionResponse:
         choices = []
         for c in final.outputs:
-            content, calls = prompt.prefill + c.text, []
+            content, calls = c.text, []
             if prompt.parser is not None:
                 content, calls = parse_tool_calls(content, prompt.tool_names, prompt.parser)
             message = p.AssistantMessage(
@@ -212,6 +198,11 @@ class ChatCompletions:
                 )
             )
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        prompt_logprobs = None
+        if body.prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs_json(
+                self.state, tokenizer, job.prompt_token_ids, final.prompt_logprobs or [], body.prompt_logprobs
+            )
         return p.ChatCompletionResponse(
             id=job.request_id,
             created=int(time.time()),
@@ -224,6 +215,7 @@ class ChatCompletions:
                 prompt.truncated_tokens,
                 prompt.dropped_messages,
             ),
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def _stream(
@@ -247,12 +239,15 @@ class ChatCompletions:
 
         parsers: dict[int, ToolCallStream] = {}
         num_calls: dict[int, int] = {}
+        # Whitespace-only content is held while tool calls may come: next to calls it counts as none
+        # (parallel hermes calls are separated by a newline), as the non-streamed answer has it.
+        held: dict[int, str] = {}
         for k in range(job.params.n):
             yield chunk(k, p.DeltaMessage(role="assistant", content=""))
             if prompt.parser is not None:
                 parsers[k] = ToolCallStream(prompt.tool_names, prompt.parser)
-                parsers[k].feed(prompt.prefill)  # held, never emitted: it starts a call
             num_calls[k] = 0
+            held[k] = ""
         completion_tokens = cached_tokens = 0
         final = None  # the whole answer, for the response cache
         async for _, out in state.run(request, [job]):
@@ -268,6 +263,10 @@ class ChatCompletions:
                     if c.finished:
                         more_content, more_calls = parser.finish()
                         content, calls = content + more_content, calls + more_calls
+                    content, held[c.index] = held[c.index] + content, ""
+                    calls_so_far = num_calls[c.index] + len(calls)
+                    if content and not content.strip() and (calls_so_far or not c.finished):
+                        content, held[c.index] = "", content
                 logprobs = (
                     chat_logprobs(state, tokenizer, c, body.top_logprobs or 0)
                     if body.logprobs and c.token_ids

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import signal
+import sys
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -24,6 +26,8 @@ DRAIN_CUT_EXIT = 3
 """Exit status of `loom serve` when the drain timeout cut requests short (0 when all finished)."""
 EXIT_ENGINE_DEAD = 4
 """Exit status when the engine died (its loop raised, or a step hung past --step-timeout-s)."""
+EXIT_BAD_MODEL = 2
+"""Exit status when the model cannot be served: no such directory, or it failed to load."""
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +51,34 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (the built-in tiny model without --model).",
     )
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        help="model directory (the same as --model; none: the built-in tiny model)",
+    )
     add_server_args(parser)
     add_engine_args(parser)
     add_config_args(parser, ScaleOutConfig, "scale-out (Ray Serve)")
     parser.set_defaults(func=run_server)
+
+
+def model_problem(model: str | None) -> str | None:
+    """Why `model` cannot be served (checked before the server starts), or None."""
+    if model is None:
+        return None
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"{model} is not a model directory: it has no config.json (an HF-format checkpoint)"
+        return None
+    why = f"model directory {model} does not exist"
+    if not path.is_absolute() and model.count("/") == 1 and not model.startswith("."):
+        why += (
+            f" ({model!r} looks like a Hugging Face hub id: loom never downloads models; download it first, "
+            f"e.g. `huggingface-cli download {model} --local-dir DIR`, and serve DIR)"
+        )
+    return why
 
 
 class DrainingServer(uvicorn.Server):
@@ -69,6 +97,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout = drain_timeout
         self.exit_code = 0
         state.on_fatal = self.fail
+        self.load_error: BaseException | None = None
 
     def fail(self) -> None:
         """The engine died: shut down now and exit non-zero, so a supervisor restarts the server."""
@@ -85,6 +114,11 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        error = self.state.engine.error
+        if error is not None and not self.should_exit:
+            # Answering 503 forever would hide it from the operator: a server that cannot load its model
+            # is not a server.
+            self.load_error, self.exit_code, self.should_exit = error, EXIT_BAD_MODEL, True
         if self.state.draining and not self.should_exit and self.state.drain_done():
             self.should_exit = True
         return await super().on_tick(counter)
@@ -95,6 +129,16 @@ def run_server(args: argparse.Namespace) -> None:
     from loom.entrypoints.cli import engine_config_from_args
     from loom.entrypoints.server.app import create_app
 
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise SystemExit(
+                f"loom serve: give the model once (got {args.model_tag} and --model {args.model})"
+            )
+        args.model = args.model_tag
+    problem = model_problem(args.model)
+    if problem is not None:
+        print(f"loom serve: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_MODEL)
     try:
         scale = scale_out_config_from_args(args)
         engine_config = engine_config_from_args(args)
@@ -124,6 +168,9 @@ def run_server(args: argparse.Namespace) -> None:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its shutdown; that is the expected way out
         pass
+    if server.load_error is not None:
+        print(f"loom serve: the model failed to load: {server.load_error}", file=sys.stderr)
+        raise SystemExit(server.exit_code)
     if server.exit_code:
         logger.critical("exiting with status %d: the engine died", server.exit_code)
         raise SystemExit(server.exit_code)

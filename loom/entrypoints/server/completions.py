@@ -28,6 +28,7 @@ from loom.entrypoints.server.response_caching import (
 )
 from loom.entrypoints.server.serving import ServerState
 from loom.entrypoints.server.sse import SSEResponse, sse_events
+from loom.entrypoints.server.structured import check_prompt_logprobs, compile_grammar, prompt_logprobs_json
 from loom.errors import InvalidRequest
 from loom.frontend.input_processor import InputProcessor, ProcessedRequest
 from loom.frontend.truncation import fit_prompt
@@ -112,12 +113,15 @@ class Completions:
             raise InvalidRequest(
                 f"max_tokens must be at least 1 (0 only with echo), got {body.max_tokens}", param="max_tokens"
             )
+        check_prompt_logprobs(body, ip.max_logprobs)
+        # echo with logprobs scores the prompt too; both may ask, and the wider one is computed.
+        asked = [k for k in (body.logprobs if body.echo else None, body.prompt_logprobs) if k is not None]
         params = sampling_params(
             body,
             state.config.max_n,
             body.max_tokens,
             logprobs=body.logprobs,
-            prompt_logprobs=body.logprobs if body.echo else None,
+            prompt_logprobs=max(asked) if asked else None,
         )
         truncation = state.truncation_policy(body, chat=False)
         slot = lookup(
@@ -129,12 +133,13 @@ class Completions:
                 return SSEResponse(sse_events(replay_completion(cached, stream_usage(body))), None, headers)
             return JSONResponse(cached, headers=headers)
         request_id = new_id("cmpl")
+        grammar = await compile_grammar(state, ip, body, chat=False)
 
         def prepare() -> tuple[list[Prompt], int, list[ProcessedRequest]]:
             budget = ip.prompt_budget(body.max_tokens)
             prompts, cut = fit_prompts(parse_prompts(body, ip), budget, ip.max_model_len, truncation)
             jobs = [
-                ip.process(f"{request_id}-{i}", ids, params, prompt=text)
+                ip.process(f"{request_id}-{i}", ids, params, prompt=text, grammar=grammar)
                 for i, (text, ids) in enumerate(prompts)
             ]
             return prompts, cut, jobs
@@ -173,6 +178,11 @@ class Completions:
         n = body.n or 1
         for i, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
             echo = self._echo(body, prompt, tokenizer) if body.echo else ""
+            prompt_logprobs = None
+            if body.prompt_logprobs is not None:
+                prompt_logprobs = prompt_logprobs_json(
+                    self.state, tokenizer, prompt[1], final.prompt_logprobs or [], body.prompt_logprobs
+                )
             for c in final.outputs:
                 logprobs = None
                 if body.logprobs is not None:
@@ -186,6 +196,7 @@ class Completions:
                         text=echo + c.text,
                         logprobs=logprobs,
                         finish_reason=c.finish_reason,
+                        prompt_logprobs=prompt_logprobs,
                     )
                 )
         return p.CompletionResponse(

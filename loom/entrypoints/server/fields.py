@@ -33,8 +33,12 @@ def sampling_params(
     n = 1 if body.n is None else body.n
     if n > max_n:
         raise InvalidRequest(f"n may be at most {max_n}, got {n}", param="n")
+    logit_bias = None
     if body.logit_bias:
-        raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
+        try:  # OpenAI's keys are token ids written as strings
+            logit_bias = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequest("logit_bias keys must be token ids (integers)", param="logit_bias") from None
 
     def given(value, default):
         return default if value is None else value
@@ -60,6 +64,8 @@ def sampling_params(
             skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
             priority=given(body.priority, 0),
+            logit_bias=logit_bias,
+            bad_words=body.bad_words,
             extra={"program_id": body.program_id} if body.program_id else {},
         )
     except InvalidRequest as e:

@@ -62,6 +62,10 @@ class _EngineGauges(Collector):
         counters = {
             "engine_steps": ("Engine steps that ran a forward pass.", 0),
             "prefix_cache_evictions": ("Cached prefix blocks evicted to make room.", 0),
+            "encoder_cache_queries": ("Images a step needed the vision encoder's output of.", 0),
+            "encoder_cache_hits": ("... found in the encoder cache (not encoded again).", 0),
+            "images_encoded": ("Images run through the vision encoder.", 0),
+            "vision_encode_seconds": ("Seconds spent in the vision encoder.", 0.0),
         }
         if core is not None:
             pool = core.kv.pool
@@ -77,8 +81,16 @@ class _EngineGauges(Collector):
                 "engine_steps": core.stats.num_steps,
                 "prefix_cache_evictions": pool.num_evictions,
             }
+            mm = core.runner.mm
+            if mm is not None:
+                current.update(
+                    encoder_cache_queries=mm.stats.queries,
+                    encoder_cache_hits=mm.stats.hits,
+                    images_encoded=mm.stats.images_encoded,
+                    vision_encode_seconds=mm.stats.encode_seconds,
+                )
             gauges = {name: (doc, current[name]) for name, (doc, _) in gauges.items()}
-            counters = {name: (doc, current[name]) for name, (doc, _) in counters.items()}
+            counters = {name: (doc, current.get(name, 0)) for name, (doc, _) in counters.items()}
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"loom_{name}", doc, value=value)
         for name, (doc, value) in counters.items():

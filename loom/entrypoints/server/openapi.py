@@ -18,11 +18,12 @@ from loom.entrypoints.server import protocol as p
 _WHY = {
     400: "Invalid request: the message names the field (`param`); also a Host header not allowed.",
     401: "Missing or wrong API key.",
-    404: "The model is not served here.",
+    404: "The model is not served here, or the named file, batch or agent run does not exist.",
     413: "The request body is over --max-body-bytes.",
     429: "Overloaded: too many sequences or prompt tokens in flight; retry after Retry-After seconds.",
     500: "A bug in the server (details are in its log, not here).",
     503: "The model is loading or failed to load, the engine stopped, or the server is shutting down.",
+    507: "The durable job state could not be written: the disk or --state-max-bytes is full.",
 }
 _RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
@@ -38,6 +39,14 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         if status in (429, 503):
             out[status]["headers"] = _RETRY_AFTER
     return out
+
+
+def non_json(media_type: str, description: str, *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route whose 200 is not JSON (a file download, an event stream), plus its error statuses."""
+    return {
+        **errors(*statuses),
+        200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}},
+    }
 
 
 def streamed(description: str) -> dict[int | str, dict[str, Any]]:

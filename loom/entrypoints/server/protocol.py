@@ -145,6 +145,19 @@ class SamplingRequest(OpenAIModel):
     """What to do if the prompt does not fit (error, left, drop_turns); None: the server's --truncation."""
     cache: bool | None = None
     """False: this request neither reads nor fills the response cache."""
+    bad_words: list[str] | None = None
+    """vLLM: words the output may not contain (their last token is banned after the others)."""
+    prompt_logprobs: int | None = None
+    """vLLM: log-probabilities of the prompt tokens, with this many alternatives each (not with stream)."""
+    # Structured output (loom/engine/structured/requests.py says what each may hold).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -156,7 +169,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    """False: a forced tool call is exactly one call (default: one or more)."""
 
 
 class CompletionRequest(SamplingRequest):
@@ -220,7 +234,29 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
+class PromptLogprob(BaseModel):
+    """vLLM's form of one prompt position's alternatives (keyed by token id as a string)."""
+
+    logprob: float
+    rank: int | None = None
+    """1 for the most likely token; None for a prompt token outside the top alternatives asked for."""
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+"""One entry per prompt token; the first is None (nothing predicts it)."""
+
+
+class _DropNullPromptLogprobs(BaseModel):
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        if out.get("prompt_logprobs") is None:
+            out.pop("prompt_logprobs", None)
+        return out
+
+
+class ChatCompletionResponse(_DropNullPromptLogprobs):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -228,6 +264,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    """vLLM extension, sent only when asked for."""
 
 
 class _DropNone(BaseModel):
@@ -279,11 +317,13 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_DropNullPromptLogprobs):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobs | None = None
+    """vLLM extension, sent only when asked for."""
 
 
 class CompletionResponse(BaseModel):

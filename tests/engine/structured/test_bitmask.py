@@ -73,3 +73,30 @@ def test_bfloat16_logits_and_tensor_rows():
     apply_bitmask(fast, bitmask, torch.tensor([1, 2]))  # rows may come as a tensor too
     apply_bitmask_ref(ref, bitmask, [1, 2])
     assert torch.equal(fast, ref)
+
+
+def test_step_bitmask_places_each_requests_rows_like_the_twin():
+    """The engine's per-step masks (rows per request id, verify rows in order) land on the logits rows the
+    runner names, whatever the order; the plain twin applied to the same pairing agrees."""
+    from loom.engine.structured.engine import StepBitmask
+
+    gen = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (7, 3), dtype=torch.int32, generator=gen)
+    step = StepBitmask(bitmask, {"a": 0, "b": 1, "c": 4})  # c verifies 2 drafts: rows 4, 5, 6
+    logits = torch.randn(9, 80, generator=gen)  # 3 words = 96 bits cover the 80 logits
+    for placements in (
+        [("a", 0, 1), ("b", 1, 1), ("c", 2, 3)],
+        [("x", 0, 1), ("c", 1, 3), ("a", 8, 1)],  # "x" has no grammar; rows out of order
+    ):
+        fast, ref = logits.clone(), logits.clone()
+        step.apply(fast, placements)
+        aligned, rows = torch.full((9, 3), -1, dtype=torch.int32), []
+        for req_id, first, count in placements:
+            if req_id in step.rows:
+                start = step.rows[req_id]
+                aligned[first : first + count] = bitmask[start : start + count]
+                rows += range(first, first + count)
+        apply_bitmask_ref(ref, aligned, rows)
+        assert torch.equal(fast, ref)
+        untouched = [r for r in range(9) if r not in rows]
+        assert torch.equal(fast[untouched], logits[untouched])

@@ -18,7 +18,15 @@ def servers(launch_server) -> Iterator[dict]:
     """All server processes the tests use, launched together so their model loads overlap."""
     yield {
         "main": launch_server("main", "--max-body-bytes", str(MAX_BODY_BYTES), api_key=API_KEY),
-        "limited": launch_server("limited", "--max-waiting", "2", "--max-waiting-tokens", "200"),
+        "limited": launch_server(
+            "limited",
+            "--max-waiting",
+            "2",
+            "--max-waiting-tokens",
+            "200",
+            "--grammar-compile-timeout-s",
+            "0.05",
+        ),
         "drain": launch_server("drain", "--drain-timeout", "60"),
         # Short contexts keep every generation the fuzzer asks for short.
         "edge": launch_server(
@@ -40,7 +48,7 @@ def server(servers: dict):
 
 @pytest.fixture(scope="session")
 def limited_server(servers: dict):
-    """No API key; at most 2 requests / 200 prompt tokens in flight."""
+    """No API key; at most 2 requests / 200 prompt tokens in flight; grammars compile within 50 ms or 400."""
     return servers["limited"].wait_ready()
 
 

@@ -30,6 +30,20 @@ def test_document_lists_the_answers_the_server_gives(server):
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/programs/{program_id}/release",
+        "/v1/files",
+        "/v1/files/{file_id}",
+        "/v1/files/{file_id}/content",
+        "/v1/batches",
+        "/v1/batches/{batch_id}",
+        "/v1/batches/{batch_id}/cancel",
+        "/v1/agent/runs",
+        "/v1/agent/runs/{run_id}",
+        "/v1/agent/runs/{run_id}/cancel",
+        "/v1/agent/runs/{run_id}/events",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/version",
     }
     for path, operations in paths.items():
         for operation in operations.values():

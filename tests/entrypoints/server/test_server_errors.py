@@ -69,7 +69,8 @@ BAD_CHAT = [
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"temperature": "hot"}, "temperature"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"logit_bias": {"999999": 10}}, "logit_bias"),  # a token id outside the vocabulary
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"seed": 2**64}, "seed"),  # past torch's manual_seed: it used to overflow inside the engine (500)
     ({"seed": -(2**63) - 1}, "seed"),
     # Lone UTF-16 surrogates, wherever a string reaches the template or the tokenizer (they were 500s).

@@ -1,0 +1,77 @@
+"""int8 weight-only quantization: one symmetric scale per output channel, multiplied by torch's CPU kernel
+`torch.ops.aten._weight_int8pack_mm`, which reads the int8 weight as it is (no packing).
+
+Activations enter the kernel in bfloat16 whatever the model's dtype (`COMPUTE_DTYPE`): on an AVX2 CPU the
+kernel's float32 path is scalar code, 3-10x slower than a float32 `F.linear`, while its bfloat16 path is
+the fast one (benchmarks/quant_kernels.py has the figures). The kernel accumulates in float32 and
+rounds its result to bfloat16; the reference twin does the same arithmetic in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from loom.layers.quant.base import LinearMethod, as_2d, finish, free_weight
+
+if TYPE_CHECKING:
+    from loom.layers.linear import Linear
+
+COMPUTE_DTYPE = torch.bfloat16
+# The kernel reads the weight in blocks of 8 input channels: other widths give wrong results or crash it.
+IN_MULTIPLE = 8
+QMAX = 127  # symmetric: -127..127, so that -w quantizes to -q
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [out, in], scales [out] in COMPUTE_DTYPE) with weight ~= q * scale[:, None].
+
+    The scale is rounded to its stored dtype first, so q is the best choice for the scale actually used."""
+    if weight.shape[1] % IN_MULTIPLE:
+        raise ValueError(
+            f"the int8 kernel needs in_features divisible by {IN_MULTIPLE}, got {weight.shape[1]}"
+        )
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / QMAX
+    scale = torch.where(scale > 0, scale, 1.0).to(COMPUTE_DTYPE)  # an all-zero row: any scale will do
+    q = torch.round(w / scale.float()[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+class Int8(LinearMethod):
+    name = "int8"
+
+    def process_weights(self, layer: Linear, keep_weight: bool) -> None:
+        q, scale = quantize_int8(layer.weight)
+        layer.register_buffer("qweight", q, persistent=False)  # [out, in] int8
+        layer.register_buffer("scales", scale, persistent=False)  # [out]
+        if not keep_weight:
+            free_weight(layer)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(as_2d(x, COMPUTE_DTYPE), layer.qweight, layer.scales)
+        return finish(out, x, layer.bias)
+
+    def reference(self) -> LinearMethod:
+        return Int8Reference()
+
+
+class Int8Reference(Int8):
+    """Dequantize the same int8 weight, F.linear in float32 on the bfloat16-rounded input, round the
+    result to bfloat16: the kernel's arithmetic, in plain PyTorch."""
+
+    name = "int8-reference"
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_int8(layer.qweight, layer.scales)
+        out = F.linear(as_2d(x, COMPUTE_DTYPE).float(), w).to(COMPUTE_DTYPE)
+        return finish(out, x, layer.bias)
+
+    def reference(self) -> LinearMethod:
+        return self
