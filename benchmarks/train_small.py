@@ -5,13 +5,17 @@ context, and their greedy loops flatter prompt lookup).
 The corpus ships with Python (`sysconfig.get_paths()["stdlib"]`); about 5% of its files (chosen by a hash
 of the path) are held out for evaluation. A byte-level BPE tokenizer is trained on the rest with
 `tokenizers`; half the training rows show a span of code twice, so the model learns to copy from its
-context (an induction circuit) on top of predicting code.
+context (an induction circuit) on top of predicting code. That alone (3,000 steps, version 1) left a model
+that copied only partly (53% of a repeated chunk's tokens, teacher-forced). A second phase (version 2:
+steps 3,000 to 5,000, the first phase unchanged, so a cut-off version-1 run resumes into it) adds rows that
+repeat a span of random tokens: nothing but the earlier copy predicts those, which is what
+forms the circuit; the code rows keep it working on real code.
 
 The result is an HF-format directory (config.json, model.safetensors, tokenizer files with a ChatML
 template) that loom and HF transformers both load, cached at
 `$XDG_CACHE_HOME/loom/trained/stdlib-llama-<version>` (default `~/.cache/...`). Rebuild it with
 
-    nice -n 10 .venv/bin/python benchmarks/train_small.py            # 3,000 steps; resumes if cut off
+    nice -n 10 .venv/bin/python benchmarks/train_small.py            # 5,000 steps; resumes if cut off
     .venv/bin/python benchmarks/train_small.py --check-only          # the copy check on the cached model
 
 The last step of training is the copy check (`check_copy`): on held-out code shown twice, how often the
@@ -39,7 +43,7 @@ import torch
 from loom.models.tiny import SPECIAL_TOKENS, build_tokenizer
 
 # Bump when the data, tokenizer, model shape or schedule changes, so the cached model is rebuilt.
-VERSION = "1"
+VERSION = "2"
 VOCAB_SIZE = 4096
 EOS = SPECIAL_TOKENS[0]
 # Sized for a 2-core CPU: ~1.5 CPU-seconds a step (2,048 tokens), so 3,000 steps take ~40 minutes on two
@@ -56,6 +60,10 @@ SHAPE = dict(
 SEQ_LEN = 512
 BATCH = 4
 HELD_OUT_PERCENT = 5
+# Phase 1 (steps [0, PHASE1_STEPS)): code, half the rows with a span of it repeated; cosine from --lr.
+# Phase 2 (to --steps): also rows repeating random tokens; a second cosine from half of --lr.
+PHASE1_STEPS = 3000
+PHASE2_MIX = (0.3, 0.4)  # shares of rows repeating random tokens, and repeating code; the rest plain code
 
 
 def model_dir() -> Path:
@@ -93,13 +101,19 @@ def encode_stream(tokenizer, files: list[Path]) -> np.ndarray:
     return np.asarray(out, dtype=np.int16)
 
 
-def sample_row(stream: np.ndarray, rng: random.Random, copy_fraction: float) -> tuple[np.ndarray, slice]:
-    """SEQ_LEN + 1 tokens of code; with probability copy_fraction a span of it appears again later.
-    Also returns where the repeated span sits in the row (an empty slice when there is none)."""
+def sample_row(stream: np.ndarray, rng: random.Random, step: int) -> tuple[np.ndarray, slice]:
+    """SEQ_LEN + 1 tokens of code, in which (per the phase's mix) a span appears again later, a span of
+    code or of random tokens. Also returns where the repeat sits in the row (empty if none)."""
     start = rng.randrange(len(stream) - SEQ_LEN - 1)
     base = stream[start : start + SEQ_LEN + 1]
-    if rng.random() >= copy_fraction:
+    u = rng.random()
+    random_share, repeated = (0.0, 0.5) if step < PHASE1_STEPS else PHASE2_MIX
+    if u >= random_share + repeated:
         return base, slice(0, 0)
+    if u < random_share:
+        # tokens drawn uniformly from the vocabulary: nothing but the earlier copy predicts them
+        first = len(SPECIAL_TOKENS)
+        base = np.asarray([rng.randrange(first, VOCAB_SIZE) for _ in range(SEQ_LEN + 1)], dtype=stream.dtype)
     span = rng.randint(16, 192)
     gap = rng.randint(0, SEQ_LEN - 2 * span)
     at = rng.randint(0, SEQ_LEN - 2 * span - gap)
@@ -129,10 +143,17 @@ def make_model(tokenizer):
     return LlamaForCausalLM(config)
 
 
-def lr_at(step: int, max_steps: int, peak: float, warmup: int = 100) -> float:
+def lr_at(step: int, max_steps: int, peak: float) -> float:
+    """Phase 1: warm-up and cosine to a tenth of `peak` over PHASE1_STEPS; phase 2 starts again from half."""
+    if step < PHASE1_STEPS:
+        return _cosine(step, PHASE1_STEPS, peak, warmup=100)
+    return _cosine(step - PHASE1_STEPS, max_steps - PHASE1_STEPS, peak / 2, warmup=50)
+
+
+def _cosine(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -176,7 +197,7 @@ def train(args: argparse.Namespace, out: Path) -> None:
     t0, tokens_done, copy_hits, copy_total = time.time(), 0, 0, 0
     while step < args.steps:
         rng = random.Random(step)  # the batch depends on the step only, so a resumed run sees the same data
-        rows, spans = zip(*(sample_row(stream, rng, args.copy_fraction) for _ in range(BATCH)), strict=True)
+        rows, spans = zip(*(sample_row(stream, rng, step) for _ in range(BATCH)), strict=True)
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
@@ -297,9 +318,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--copy-fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--check-only", action="store_true", help="only run the copy check on the cached model"

@@ -2,6 +2,7 @@
 
 - `Unquantized` (base.py): F.linear on the float weight, the reference;
 - `OneDNNPrepacked` (onednn.py): CPU bfloat16 with the weight prepacked for oneDNN, where the CPU can;
+- `Float32Compute` (upcast.py): CPU bfloat16 where it cannot (no native bf16): float32 weights and GEMM;
 - `Int8` (int8.py): weight-only int8, one scale per output channel;
 - `Int4` (int4.py): weight-only int4, groups of 32-128 input channels with a scale and a zero point.
 
@@ -22,11 +23,13 @@ from loom.layers.quant.base import UNQUANTIZED, LinearMethod, Unquantized
 from loom.layers.quant.int4 import Int4
 from loom.layers.quant.int8 import Int8
 from loom.layers.quant.onednn import OneDNNPrepacked, can_prepack
+from loom.layers.quant.upcast import Float32Compute
 
 __all__ = [
     "GROUP_SIZES",
     "QUANTIZATIONS",
     "UNQUANTIZED",
+    "Float32Compute",
     "Int4",
     "Int8",
     "LinearMethod",
@@ -79,7 +82,9 @@ def linear_method(
 ) -> LinearMethod:
     """The method for a model's linears: the quantized one asked for, else the fastest float one."""
     if quantization is None:
-        return OneDNNPrepacked() if can_prepack(dtype, device) else UNQUANTIZED
+        if dtype != torch.bfloat16 or device.type != "cpu":
+            return UNQUANTIZED
+        return OneDNNPrepacked() if can_prepack(dtype, device) else Float32Compute()
     check_supported(quantization, dtype, device)
     if quantization == "int8":
         return Int8()

@@ -17,9 +17,12 @@ from loom.errors import InvalidRequest
 from loom.layers.linear import Linear, MergedLinear
 from loom.layers.quant import (
     UNQUANTIZED,
+    Float32Compute,
     Int4,
     Int8,
     LinearMethod,
+    OneDNNPrepacked,
+    can_prepack,
     check_supported,
     linear_method,
     process_linears,
@@ -189,6 +192,10 @@ def test_process_linears_names_the_layer_it_cannot_quantize():
 def test_float_method_is_plain_f_linear_on_this_cpu_or_prepacked():
     cpu = torch.device("cpu")
     assert linear_method(None, 128, torch.float32, cpu) is UNQUANTIZED
+    bf16 = linear_method(None, 128, torch.bfloat16, cpu)
+    # bf16: prepacked for oneDNN where the CPU has native bf16, else computed in float32
+    assert isinstance(bf16, OneDNNPrepacked if can_prepack(torch.bfloat16, cpu) else Float32Compute)
+    assert linear_method(None, 128, torch.bfloat16, torch.device("meta")) is UNQUANTIZED
     assert isinstance(linear_method("int8", 128, torch.bfloat16, cpu), Int8)
     int4 = linear_method("int4", 64, torch.float32, cpu)
     assert isinstance(int4, Int4) and int4.group_size == 64
@@ -213,3 +220,19 @@ def test_bad_group_size_for_a_method_is_a_clear_error():
     with pytest.raises(InvalidRequest, match="one of") as e:
         linear_method("int4", 256, torch.float32, torch.device("cpu"))
     assert e.value.param == "quantization_group_size"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bfloat16_computed_in_float32_matches_the_bf16_linear(shape):
+    """Float32Compute (bf16 on CPUs without native bf16) is a bf16 GEMM with float32 accumulation: equal to
+    bf16 F.linear but for summation order, and holding float32 weights (twice the bytes) instead."""
+    out_f, in_f = shape
+    layer, twin, weight, bias = pair(Float32Compute(), out_f, in_f, torch.bfloat16)
+    assert layer.weight.numel() == 0 and layer.weight_fp32.dtype == torch.float32
+    assert torch.equal(layer.weight_fp32, weight.float())  # widening a bf16 value is exact
+    gen = torch.Generator().manual_seed(1)
+    for rows in ROWS:
+        x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
+        ours = layer(x)
+        assert ours.dtype == torch.bfloat16 and ours.shape == (rows, out_f)
+        assert_kernel_matches_twin(ours, twin(x), bias)
