@@ -318,6 +318,12 @@ def compare_plan(args: argparse.Namespace) -> tuple[compare.CompareSettings, str
     return settings, gguf_type, loom_args, llama_args
 
 
+def loom_name(dtype: str, loom_args: list[str]) -> str:
+    """The loom peer's name in the table: its dtype and, when given, its quantization."""
+    quant = loom_args[loom_args.index("--quantization") + 1] if "--quantization" in loom_args[:-1] else None
+    return f"loom ({dtype}{', ' + quant if quant else ''})"
+
+
 def cmd_llama_server_compare(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -349,7 +355,7 @@ def cmd_llama_server_compare(args: argparse.Namespace) -> None:
         )
         peers = [
             compare.loom_peer(
-                f"loom ({args.dtype})", model_dir, args.dtype, args.threads, compare.free_port(), "model",
+                loom_name(args.dtype, loom_args), model_dir, args.dtype, args.threads, compare.free_port(), "model",
                 loom_args, log_dir / "loom.log",
             ),
             llama_server.llama_peer(

@@ -22,7 +22,7 @@ from loom.errors import InvalidRequest
 from loom.models.config import ModelConfig
 from loom.tokenizer import Tokenizer
 
-from loom.bench.cli import compare_plan  # isort: skip
+from loom.bench.cli import compare_plan, loom_name  # isort: skip
 
 
 def parse(*flags: str):
@@ -52,6 +52,8 @@ def test_compare_flags_default_to_the_matching_gguf_and_pass_extra_flags_through
     assert loom_args == ["--quantization", "int8", "--max-num-seqs", "4"]
     assert llama_args == ["--flash-attn", "off"]
     assert compare_plan(parse("--dtype", "float32"))[1] == "f32"
+    assert loom_name("bfloat16", loom_args) == "loom (bfloat16, int8)"
+    assert loom_name("float32", []) == "loom (float32)"
 
 
 @pytest.mark.parametrize(
