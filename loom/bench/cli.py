@@ -15,15 +15,23 @@ import asyncio
 import json
 import logging
 import math
+import shlex
+import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+from loom.bench import compare
+from loom.bench.compare_report import format_compare
 from loom.bench.metrics import compute_metrics, parse_goodput
 from loom.bench.report import build_result, format_table, plot_result, write_json
 from loom.bench.serve import ENDPOINTS, BenchError, ServeConfig, run_load, scrape_loom_counters
 from loom.bench.workloads import WORKLOADS, WorkloadOptions, make_workload
 from loom.config import add_config_args, field_docs
 from loom.errors import InvalidRequest
+
+DTYPES = {"float32": "f32", "bfloat16": "bf16"}
+"""loom's dtypes here, and the GGUF type of the same precision."""
 
 
 def add_bench_parser(subparsers: Any) -> Any:
@@ -46,6 +54,7 @@ def add_bench_parser(subparsers: Any) -> Any:
     )
     throughput.add_arguments(parser)
     parser.set_defaults(func=throughput.run)
+    add_llama_server_parser(sub)
     return sub
 
 
@@ -160,6 +169,219 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
             f"loom bench serve: {result['failed']} of {result['num_requests']} requests failed"
             + (f"; first error: {first}" if first else "")
         )
+
+
+LLAMA_SERVER_DOC = """llama.cpp's server as a peer of `loom serve`, built from llama-cpp-python's source distribution
+(PyPI is the only place anything is downloaded from), on the same checkpoint converted to GGUF.
+
+    loom bench llama-server build                  # once: ~15 min on 2 cores, cached in ~/.cache/loom/llama.cpp
+    loom bench llama-server gguf --types f32,bf16,q8_0,q4_0
+    loom bench llama-server compare --dtype bfloat16 --concurrency 16 --json out.json
+    loom bench llama-server compare --loom-args='--quantization int8' --gguf-type q8_0 --concurrency 1
+"""
+
+
+def add_llama_server_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from loom.bench import llama_server
+
+    p = subparsers.add_parser(
+        "llama-server",
+        help="build llama.cpp's server, make GGUFs, and compare loom serve with it",
+        description=LLAMA_SERVER_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="llama_server_command", required=True)
+    version = f"llama-cpp-python version (default: the installed one, else {llama_server.DEFAULT_VERSION})"
+
+    b = sub.add_parser("build", help="build llama-server and llama-quantize (once per version)")
+    b.add_argument(
+        "--src", type=Path, help="llama-cpp-python's sdist or source directory (default: pip download)"
+    )
+    b.add_argument("--version", dest="llama_cpp_version", help=version)
+    b.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default: 2)")
+    b.add_argument("--nice", type=int, default=10, help="niceness of the compilers (default: 10)")
+    b.set_defaults(func=cmd_llama_server_build)
+
+    g = sub.add_parser("gguf", help="convert a checkpoint to GGUF at each type (cached)")
+    g.add_argument("--model", type=Path, help="HF model directory (default: the built-in small llama)")
+    g.add_argument(
+        "--types", default="f32,bf16,q8_0,q4_0", help="comma-separated (default: f32,bf16,q8_0,q4_0)"
+    )
+    g.add_argument("--version", dest="llama_cpp_version", help=version)
+    g.add_argument("--threads", type=int, default=2, help="llama-quantize threads (default: 2)")
+    g.set_defaults(func=cmd_llama_server_gguf)
+
+    c = sub.add_parser(
+        "compare",
+        help="loom serve vs llama-server: same requests, alternating rounds, one table of ratios",
+        description=compare.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--model", type=Path, help="HF model directory (default: the built-in small llama)")
+    c.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="loom's --dtype (default: bfloat16)")
+    c.add_argument(
+        "--gguf-type",
+        help="llama.cpp's weights: f32, bf16, q8_0, q4_0, ... (default: f32 or bf16, as --dtype)",
+    )
+    c.add_argument("--gguf", type=Path, help="a GGUF file to serve instead of converting --model")
+    c.add_argument("--threads", type=int, default=1, help="each server's threads (default: 1)")
+    c.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="requests in flight, and llama-server's --parallel (default: 16)",
+    )
+    c.add_argument("--num-requests", type=int, default=48, help="requests per round (default: 48)")
+    c.add_argument("--rounds", type=int, default=3, help="timed rounds per server (default: 3)")
+    c.add_argument(
+        "--workload", default="random", help="random, sharegpt-like or shared-prefix (default: random)"
+    )
+    c.add_argument("--seed", type=int, default=0, help="round r sends workload seed SEED + r (default: 0)")
+    c.add_argument("--warmup", type=int, help="warm-up requests per server (default: the concurrency)")
+    c.add_argument("--agreement-prompts", type=int, default=4, help="greedy prompts compared (default: 4)")
+    c.add_argument("--agreement-tokens", type=int, default=32, help="tokens each (default: 32)")
+    c.add_argument("--loom-args", default="", help="more `loom serve` flags, e.g. '--quantization int8'")
+    c.add_argument("--llama-server-args", default="", help="more llama-server flags (they come last)")
+    c.add_argument("--llama-server", type=Path, help="the llama-server binary (default: the cached build)")
+    c.add_argument("--version", dest="llama_cpp_version", help=version)
+    c.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to start a server or finish a request"
+    )
+    c.add_argument("--log-dir", type=Path, help="server logs (default: a new temporary directory)")
+    c.add_argument("--json", dest="json_out", type=Path, help="write the result JSON here")
+    c.set_defaults(func=cmd_llama_server_compare)
+    return p
+
+
+def cmd_llama_server_build(args: argparse.Namespace) -> None:
+    from loom.bench import llama_server
+
+    try:
+        b = llama_server.build(args.llama_cpp_version, args.src, jobs=args.jobs, nice=args.nice)
+    except llama_server.LlamaServerError as e:
+        raise SystemExit(f"loom bench llama-server build: {e}") from e
+    info = b.info
+    print(f"llama.cpp {b.version}: {b.server} and {b.quantize}")
+    print(f"built in {info.get('seconds', '?')} s; {info.get('isa', '')}")
+
+
+def cmd_llama_server_gguf(args: argparse.Namespace) -> None:
+    from loom.bench import gguf, llama_server
+
+    try:
+        types = llama_server.gguf_types(args.types)
+        build = llama_server.require_build(args.llama_cpp_version)
+        model_dir = _model_dir(args.model)
+        for t in types:
+            print(f"{t}: {llama_server.make_gguf(model_dir, t, build, args.threads)}")
+    except (llama_server.LlamaServerError, gguf.GGUFError) as e:
+        raise SystemExit(f"loom bench llama-server gguf: {e}") from e
+
+
+def _model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    from loom.models.tiny import default_model_dir
+
+    return default_model_dir("llama", "small")
+
+
+def compare_plan(args: argparse.Namespace) -> tuple[compare.CompareSettings, str, list[str], list[str]]:
+    """Validate `compare`'s flags before anything starts: (settings, GGUF type, loom args, llama-server
+    args)."""
+    from loom.bench import llama_server
+
+    if args.threads < 1:
+        raise InvalidRequest(f"--threads must be >= 1, got {args.threads}", param="threads")
+    settings = compare.CompareSettings(
+        workload=args.workload,
+        num_requests=args.num_requests,
+        rounds=args.rounds,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        warmup=args.warmup,
+        agreement_prompts=args.agreement_prompts,
+        agreement_tokens=args.agreement_tokens,
+        timeout=args.timeout,
+    )
+    gguf_type = args.gguf_type or DTYPES[args.dtype]
+    try:
+        (gguf_type,) = llama_server.gguf_types(gguf_type)
+    except (ValueError, llama_server.LlamaServerError) as e:
+        raise InvalidRequest(f"--gguf-type: {e}", param="gguf_type") from e
+    if args.gguf is not None and not args.gguf.is_file():
+        raise InvalidRequest(f"--gguf {args.gguf}: no such file", param="gguf")
+    try:
+        loom_args, llama_args = shlex.split(args.loom_args), shlex.split(args.llama_server_args)
+    except ValueError as e:
+        raise InvalidRequest(f"--loom-args / --llama-server-args: {e}") from e
+    return settings, gguf_type, loom_args, llama_args
+
+
+def loom_name(dtype: str, loom_args: list[str]) -> str:
+    """The loom peer's name in the table: its dtype and, when given, its quantization."""
+    quant = loom_args[loom_args.index("--quantization") + 1] if "--quantization" in loom_args[:-1] else None
+    return f"loom ({dtype}{', ' + quant if quant else ''})"
+
+
+def cmd_llama_server_compare(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from loom.bench import gguf, llama_server
+    from loom.models.config import ModelConfig
+    from loom.tokenizer import Tokenizer
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        settings, gguf_type, loom_args, llama_args = compare_plan(args)
+        model_dir = _model_dir(args.model)
+        cfg = ModelConfig.from_dir(model_dir)
+        tokenizer = Tokenizer(model_dir)
+        build = (
+            None if args.llama_server and args.gguf else llama_server.require_build(args.llama_cpp_version)
+        )
+        server = args.llama_server or build.server
+        gguf_file = args.gguf or llama_server.make_gguf(model_dir, gguf_type, build)
+        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="loom-compare-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        plan = compare.plan_workloads(settings, cfg.vocab_size, cfg.max_position_embeddings)
+        opts = llama_server.ServerOptions(
+            threads=args.threads,
+            parallel=settings.concurrency,
+            ctx_per_slot=plan.longest,
+            kv_type=llama_server.kv_type_for(gguf_type),
+            alias="model",
+            extra=tuple(llama_args),
+        )
+        peers = [
+            compare.loom_peer(
+                loom_name(args.dtype, loom_args), model_dir, args.dtype, args.threads, compare.free_port(), "model",
+                loom_args, log_dir / "loom.log",
+            ),
+            llama_server.llama_peer(
+                f"llama.cpp ({gguf_type})", server, gguf_file, compare.free_port(), opts, log_dir / "llama.log"
+            ),
+        ]  # fmt: skip
+
+        def info(peer: compare.Peer) -> dict:
+            if peer.kind == "llama.cpp":
+                return {"gguf": str(gguf_file), "system_info": llama_server.system_info(peer.log)} | (
+                    {"build": llama_server.build_summary(build)} if build else {}
+                )
+            return {"model": str(model_dir), "dtype": args.dtype}
+
+        def decode(token_id: int) -> str:
+            return tokenizer.decode([token_id], skip_special_tokens=False)
+
+        command = shlex.join(["loom", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else ""
+        result = compare.run_compare(
+            peers, settings, cfg.vocab_size, cfg.max_position_embeddings, decode, command, info
+        )
+    except (BenchError, InvalidRequest, OSError, llama_server.LlamaServerError, gguf.GGUFError) as e:
+        raise SystemExit(f"loom bench llama-server compare: {e}") from e
+    print(format_compare(result))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,7 @@ def _extract(tarball: Path) -> Path:
     return out
 
 
-def _fingerprint(model_dir: Path) -> str:
+def fingerprint(model_dir: Path) -> str:
     """Changes when the checkpoint does: names, sizes and mtimes of its files."""
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(model_dir.iterdir()):
@@ -101,7 +101,7 @@ def convert(model_dir: Path, dtype: str, src: Path, out: Path | None = None) -> 
         raise GGUFError(f"llama.cpp has no {dtype} GGUF here; choose from {sorted(OUTTYPES)}")
     model_dir = Path(model_dir).resolve()
     if out is None:
-        out = CACHE / f"{model_dir.name}-{_fingerprint(model_dir)}-{OUTTYPES[dtype]}.gguf"
+        out = CACHE / f"{model_dir.name}-{fingerprint(model_dir)}-{OUTTYPES[dtype]}.gguf"
     if out.exists():
         return out
     converter = find_converter(src)
