@@ -7,9 +7,9 @@ of the path) are held out for evaluation. A byte-level BPE tokenizer is trained 
 `tokenizers`; half the training rows show a span of code twice, so the model learns to copy from its
 context (an induction circuit) on top of predicting code. That alone (3,000 steps, version 1) left a model
 that copied only partly (53% of a repeated chunk's tokens, teacher-forced). A second phase (version 2:
-steps 3,000 to 5,000, the first phase unchanged, so a cut-off version-1 run resumes into it) adds rows that
-repeat a span of random tokens: nothing but the earlier copy predicts those, which is what
-forms the circuit; the code rows keep it working on real code.
+steps 3,000 to 5,000; the first phase is version 1's, unchanged, so a version-1 `.work` directory renamed
+to the version-2 name resumes from it) adds rows that repeat a span of random tokens: nothing but the
+earlier copy predicts those, which is what forms the circuit; the code rows keep it working on real code.
 
 The result is an HF-format directory (config.json, model.safetensors, tokenizer files with a ChatML
 template) that loom and HF transformers both load, cached at
