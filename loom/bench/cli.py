@@ -21,7 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from loom.bench import compare
+from loom.bench import compare, peers
 from loom.bench.compare_report import format_compare
 from loom.bench.metrics import compute_metrics, parse_goodput
 from loom.bench.report import build_result, format_table, plot_result, write_json
@@ -353,17 +353,17 @@ def cmd_llama_server_compare(args: argparse.Namespace) -> None:
             alias="model",
             extra=tuple(llama_args),
         )
-        peers = [
-            compare.loom_peer(
-                loom_name(args.dtype, loom_args), model_dir, args.dtype, args.threads, compare.free_port(), "model",
+        servers = [
+            peers.loom_peer(
+                loom_name(args.dtype, loom_args), model_dir, args.dtype, args.threads, peers.free_port(), "model",
                 loom_args, log_dir / "loom.log",
             ),
             llama_server.llama_peer(
-                f"llama.cpp ({gguf_type})", server, gguf_file, compare.free_port(), opts, log_dir / "llama.log"
+                f"llama.cpp ({gguf_type})", server, gguf_file, peers.free_port(), opts, log_dir / "llama.log"
             ),
         ]  # fmt: skip
 
-        def info(peer: compare.Peer) -> dict:
+        def info(peer: peers.Peer) -> dict:
             if peer.kind == "llama.cpp":
                 return {"gguf": str(gguf_file), "system_info": llama_server.system_info(peer.log)} | (
                     {"build": llama_server.build_summary(build)} if build else {}
@@ -375,7 +375,7 @@ def cmd_llama_server_compare(args: argparse.Namespace) -> None:
 
         command = shlex.join(["loom", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else ""
         result = compare.run_compare(
-            peers, settings, cfg.vocab_size, cfg.max_position_embeddings, decode, command, info
+            servers, settings, cfg.vocab_size, cfg.max_position_embeddings, decode, command, info
         )
     except (BenchError, InvalidRequest, OSError, llama_server.LlamaServerError, gguf.GGUFError) as e:
         raise SystemExit(f"loom bench llama-server compare: {e}") from e

@@ -20,148 +20,24 @@ import datetime
 import logging
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import httpx
-import psutil
 
 from loom.bench import compare_report, throughput
 from loom.bench.compare_report import summarize
 from loom.bench.metrics import compute_metrics
-from loom.bench.serve import BenchError, ServeConfig, run_load
+from loom.bench.peers import Peer, RunningServer, cpu_isa, running
+from loom.bench.serve import ServeConfig, run_load
+from loom.bench.throughput import ForeignLoad
 from loom.bench.workloads import Request, Workload
 from loom.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
-
-KINDS = ("loom", "llama.cpp")
 WARMUP_SEED_OFFSET = 10_000  # warm-up and agreement prompts never coincide with a round's
 AGREEMENT_SEED_OFFSET = 20_000
-
-
-@dataclass
-class Peer:
-    """One server to start and measure."""
-
-    name: str
-    kind: str
-    """loom or llama.cpp: how readiness and greedy tokens are read from it."""
-    argv: list[str]
-    port: int
-    model: str
-    """The model name requests send (loom's --served-model-name, llama-server's --alias)."""
-    extra_body: dict = field(default_factory=dict)
-    """Merged into every timed request (llama.cpp: cache_prompt false)."""
-    log: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InvalidRequest(f"peer kind must be one of {KINDS}, got {self.kind!r}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ready_path(self) -> str:
-        return "/ready" if self.kind == "loom" else "/health"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningServer:
-    """A started peer: its process group (so workers it forks go with it) and CPU-time accounting."""
-
-    def __init__(self, peer: Peer, proc: subprocess.Popen):
-        self.peer, self.proc = peer, proc
-        self.ps = psutil.Process(proc.pid)
-
-    def cpu_seconds(self) -> float:
-        """CPU time of the server and every process it started, so far."""
-        total = 0.0
-        for p in [self.ps, *self.ps.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"{self.peer.name} exited with {self.proc.returncode} while starting; {self._tail()}"
-                )
-            try:
-                if httpx.get(self.peer.url + self.peer.ready_path, timeout=2).status_code == 200:
-                    return
-                # loom opens its port before the model loads; /health turns 503 if loading failed.
-                if (
-                    self.peer.kind == "loom"
-                    and httpx.get(self.peer.url + "/health", timeout=2).status_code == 503
-                ):
-                    raise BenchError(f"{self.peer.name} failed to load its model; {self._tail()}")
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise BenchError(f"{self.peer.name} not ready after {timeout:.0f} s; {self._tail()}")
-
-    def _tail(self) -> str:
-        if self.peer.log is None or not self.peer.log.exists():
-            return "no log"
-        lines = self.peer.log.read_text(errors="replace").strip().splitlines()[-10:]
-        return f"the end of {self.peer.log}:\n" + "\n".join(lines)
-
-    def stop(self) -> None:
-        """SIGINT (both servers shut down cleanly on it), then SIGKILL to the whole group after 15 s."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGINT)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
-        # Workers that outlived their parent (same group) go too.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-@contextmanager
-def running(peer: Peer, timeout: float) -> Iterator[RunningServer]:
-    """Start `peer`, wait until it is ready, and stop it on the way out, whatever happened."""
-    logger.info("starting %s: %s", peer.name, " ".join(peer.argv))
-    out = peer.log.open("w") if peer.log else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(
-            peer.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    finally:
-        if peer.log:
-            out.close()
-    server = RunningServer(peer, proc)
-    try:
-        server.wait_ready(timeout)
-        yield server
-    finally:
-        server.stop()
 
 
 # ---- workload, agreement ------------------------------------------------------------------------------
@@ -290,16 +166,6 @@ def round_order(peers: list, rounds: int) -> list[tuple[int, int]]:
     return [(r, i if r % 2 == 0 else len(peers) - 1 - i) for r in range(rounds) for i in range(len(peers))]
 
 
-def _cpu_busy() -> float:
-    t = psutil.cpu_times()
-    return t.user + t.system + t.nice
-
-
-def _own_cpu() -> float:
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
-
-
 def measure_round(
     server: RunningServer, idle: RunningServer, workload: Workload, seed: int, round_: int, s: CompareSettings
 ) -> dict:
@@ -315,10 +181,10 @@ def measure_round(
         timeout=s.timeout,
         progress=False,
     )
-    before = (_cpu_busy(), _own_cpu(), server.cpu_seconds(), idle.cpu_seconds(), time.perf_counter())
-    run = asyncio.run(run_load(config, workload))
-    after = (_cpu_busy(), _own_cpu(), server.cpu_seconds(), idle.cpu_seconds(), time.perf_counter())
-    busy, own, srv, idl, wall = (b - a for a, b in zip(before, after, strict=True))
+    idle_before = idle.cpu_seconds()
+    # Foreign: neither this process (the load generator) nor either server.
+    with ForeignLoad(ours=lambda: server.cpu_seconds() + idle.cpu_seconds()) as load:
+        run = asyncio.run(run_load(config, workload))
     m = compute_metrics(run.records, run.duration)
     exact = sum(r.success and r.output_tokens == r.request.max_tokens for r in run.records)
     return {
@@ -332,8 +198,8 @@ def measure_round(
         "output_tok_s": m.output_throughput,
         "ttft_p50_ms": m.ttft.median,
         "tpot_p50_ms": m.tpot.median,
-        "other_load_cores": max(0.0, (busy - own - srv - idl) / wall),
-        "idle_peer_cores": idl / wall,
+        "other_load_cores": load.cores,
+        "idle_peer_cores": (idle.cpu_seconds() - idle_before) / load.seconds,
     }
 
 
@@ -403,32 +269,3 @@ def run_compare(
         "rounds": rounds,
         "summary": summarize([p.name for p in peers], rounds),
     }
-
-
-def cpu_isa() -> str:
-    """The SIMD flags that decide llama.cpp's (and oneDNN's) kernels, from /proc/cpuinfo."""
-    try:
-        flags = next(
-            line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").open() if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return ""
-    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags)
-
-
-def loom_peer(
-    name: str,
-    model_dir: Path,
-    dtype: str,
-    threads: int,
-    port: int,
-    served_name: str,
-    extra: list[str] | tuple[str, ...] = (),
-    log: Path | None = None,
-) -> Peer:
-    """`loom serve` as a peer: the given dtype and torch threads; `extra` (e.g. --quantization int8) last."""
-    argv = [sys.executable, "-m", "loom.entrypoints.cli", "--log-level", "WARNING", "serve"]
-    argv += ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype]
-    argv += ["--num-threads", str(threads), "--served-model-name", served_name, *extra]
-    return Peer(name, "loom", argv, port, served_name, log=log)

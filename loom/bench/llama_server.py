@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 from loom.bench import gguf
-from loom.bench.compare import Peer
+from loom.bench.peers import Peer
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +50,10 @@ class ForeignLoad:
     2-thread OpenMP op of ours at a barrier (a few ms each), so a run is only comparable with the
     load it ran under printed beside it."""
 
+    def __init__(self, ours: Callable[[], float] = lambda: 0.0):
+        self.ours = ours
+        """CPU seconds so far of other processes that are part of the measurement (servers under test)."""
+
     def __enter__(self) -> ForeignLoad:
         self._start = self._sample()
         return self
@@ -56,13 +61,14 @@ class ForeignLoad:
     def __exit__(self, *exc) -> None:
         busy0, own0, t0 = self._start
         busy1, own1, t1 = self._sample()
-        self.cores = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
+        self.seconds = t1 - t0
+        self.cores = max(0.0, ((busy1 - busy0) - (own1 - own0)) / self.seconds)
 
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
+    def _sample(self) -> tuple[float, float, float]:
         total = psutil.cpu_times()
         own = psutil.Process().cpu_times()
-        return total.user + total.system + total.nice, own.user + own.system, time.perf_counter()
+        ours = own.user + own.system + self.ours()
+        return total.user + total.system + total.nice, ours, time.perf_counter()
 
 
 WORKLOADS = ("random", "sharegpt-like", "shared-prefix")

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from loom.bench import compare, gguf, llama_server
+from loom.bench import compare, gguf, llama_server, peers
 from loom.bench.compare_report import COMPARE_SCHEMA, ROUND_SCHEMA, format_compare
 from loom.bench.serve import BenchError
 from loom.entrypoints.cli import build_parser
@@ -230,7 +230,7 @@ def test_round_order_alternates_which_server_goes_first():
     assert compare.round_order(["a", "b"], 3) == [(0, 0), (0, 1), (1, 1), (1, 0), (2, 0), (2, 1)]
 
 
-def _generated(peer: compare.Peer) -> float:
+def _generated(peer: peers.Peer) -> float:
     text = httpx.get(peer.url + "/metrics", timeout=10).text
     line = next(x for x in text.splitlines() if x.startswith("loom_generation_tokens_total "))
     return float(line.split()[1])
@@ -247,8 +247,8 @@ def _is_closed(port: int) -> bool:
 def test_two_servers_get_the_same_requests_in_alternating_rounds(tiny_llama_dir, tmp_path):
     cfg = ModelConfig.from_dir(tiny_llama_dir)
     tokenizer = Tokenizer(tiny_llama_dir)
-    peers = [
-        compare.loom_peer(name, tiny_llama_dir, "float32", 1, compare.free_port(), "m", ["--num-blocks", "512"], tmp_path / f"{name}.log")
+    servers = [
+        peers.loom_peer(name, tiny_llama_dir, "float32", 1, peers.free_port(), "m", ["--num-blocks", "512"], tmp_path / f"{name}.log")
         for name in ("a", "b")
     ]  # fmt: skip
     settings = compare.CompareSettings(
@@ -256,7 +256,7 @@ def test_two_servers_get_the_same_requests_in_alternating_rounds(tiny_llama_dir,
     )
     seen: dict[str, float] = {}
 
-    def info(peer: compare.Peer) -> dict:  # called while both servers still run
+    def info(peer: peers.Peer) -> dict:  # called while both servers still run
         seen[peer.name] = _generated(peer)
         return {"generated": seen[peer.name]}
 
@@ -264,7 +264,7 @@ def test_two_servers_get_the_same_requests_in_alternating_rounds(tiny_llama_dir,
         return tokenizer.decode([token_id], skip_special_tokens=False)
 
     result = compare.run_compare(
-        peers, settings, cfg.vocab_size, cfg.max_position_embeddings, decode, "loom bench ...", info
+        servers, settings, cfg.vocab_size, cfg.max_position_embeddings, decode, "loom bench ...", info
     )
 
     assert set(result) == set(COMPARE_SCHEMA)
@@ -287,7 +287,7 @@ def test_two_servers_get_the_same_requests_in_alternating_rounds(tiny_llama_dir,
         summary["a"]["output_tok_s"] / summary["b"]["output_tok_s"]
     )
     assert result["settings"]["output_tokens"] == sum(it.max_tokens for it in plan.rounds[0].items)
-    assert all(_is_closed(p.port) for p in peers)  # both stopped
+    assert all(_is_closed(p.port) for p in servers)  # both stopped
 
     json.loads(json.dumps(result))
     table = format_compare(result)
@@ -297,11 +297,11 @@ def test_two_servers_get_the_same_requests_in_alternating_rounds(tiny_llama_dir,
 
 
 def test_a_server_that_fails_to_start_stops_the_other(tiny_llama_dir, tmp_path):
-    good = compare.loom_peer(
-        "good", tiny_llama_dir, "float32", 1, compare.free_port(), "m", log=tmp_path / "good.log"
+    good = peers.loom_peer(
+        "good", tiny_llama_dir, "float32", 1, peers.free_port(), "m", log=tmp_path / "good.log"
     )
-    bad = compare.loom_peer(
-        "bad", tmp_path / "no-model", "float32", 1, compare.free_port(), "m", log=tmp_path / "bad.log"
+    bad = peers.loom_peer(
+        "bad", tmp_path / "no-model", "float32", 1, peers.free_port(), "m", log=tmp_path / "bad.log"
     )
     settings = compare.CompareSettings(num_requests=1, rounds=1, concurrency=1, timeout=120)
     with pytest.raises(BenchError, match=r"bad exited with 2 while starting(.|\n)*does not exist"):
