@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from loom.layers.quant import can_prepack
+from loom.layers.quant.onednn import gemm_dtype
 from loom.models.config import ModelConfig
 
 
@@ -63,19 +63,12 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> floa
     return statistics.median(times)
 
 
-def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the fastest exact GEMM of `dtype` values runs in here: float32 for bfloat16 on a CPU
-    without native bf16, where torch's bf16 GEMM is several times slower than float32 and bf16 products
-    are exact in float32 (loom's bf16 linears run so there: loom/layers/quant/upcast.py)."""
-    if dtype == torch.bfloat16 and not can_prepack(dtype, torch.device("cpu")):
-        return torch.float32
-    return dtype
-
-
 def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 7, warmup: int = 2) -> float:
-    """FLOP/s of [m, k] @ [n, k].T (F.linear's layout) on `dtype` values, counting 2*m*k*n FLOPs per call."""
-    a = torch.randn(m, k).to(dtype).to(gemm_dtype(dtype))
-    w = torch.randn(n, k).to(dtype).to(gemm_dtype(dtype))
+    """FLOP/s of [m, k] @ [n, k].T (F.linear's layout) on `dtype` values, counting 2*m*k*n FLOPs per call.
+    The product runs in `gemm_dtype`: a bf16 roofline on a CPU without native bf16 is float32's, the way
+    loom runs bf16 there (loom/layers/quant/upcast.py)."""
+    a = torch.randn(m, k).to(dtype).to(gemm_dtype(dtype, "cpu"))
+    w = torch.randn(n, k).to(dtype).to(gemm_dtype(dtype, "cpu"))
     seconds = _median_seconds(lambda: F.linear(a, w), repeats, warmup)
     return 2 * m * k * n / seconds
 
@@ -98,8 +91,8 @@ def model_flops(
     """FLOP/s of the model's GEMM shapes at num_tokens rows, total FLOPs over total median time."""
     flops, seconds = 0.0, 0.0
     for k, n in model_gemm_shapes(cfg):
-        a = torch.randn(num_tokens, k).to(dtype).to(gemm_dtype(dtype))
-        w = torch.randn(n, k).to(dtype).to(gemm_dtype(dtype))
+        a = torch.randn(num_tokens, k).to(dtype).to(gemm_dtype(dtype, "cpu"))
+        w = torch.randn(n, k).to(dtype).to(gemm_dtype(dtype, "cpu"))
         seconds += _median_seconds(lambda a=a, w=w: F.linear(a, w), repeats, warmup)
         flops += 2 * num_tokens * k * n
     return flops / seconds

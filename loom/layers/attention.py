@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.layers.quant.onednn import can_prepack
+from loom.layers.quant.onednn import gemm_dtype
 
 
 @dataclass(slots=True)
@@ -113,7 +113,7 @@ class Attention(nn.Module):
         q_per_kv = self.num_heads // self.num_kv_heads
         q = q.view(num_seqs, self.num_kv_heads, q_per_kv, self.head_dim).transpose(0, 1)  # [KvH, B, G, D]
         dtype = q.dtype
-        if dtype == torch.bfloat16 and not can_prepack(dtype, q.device):
+        if gemm_dtype(dtype, q.device.type) != dtype:
             # A CPU without native bf16 (AVX2) runs bf16 batched matmuls on a slow path: in float32 these
             # two are 4-7x faster, the casts included (a batch-1 decode step of the 271M Llama: -15%).
             q, k, v = q.float(), k.float(), v.float()

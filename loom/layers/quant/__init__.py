@@ -22,7 +22,7 @@ from loom.errors import InvalidRequest
 from loom.layers.quant.base import UNQUANTIZED, LinearMethod, Unquantized
 from loom.layers.quant.int4 import Int4
 from loom.layers.quant.int8 import Int8
-from loom.layers.quant.onednn import OneDNNPrepacked, can_prepack
+from loom.layers.quant.onednn import OneDNNPrepacked, can_prepack, gemm_dtype
 from loom.layers.quant.upcast import Float32Compute
 
 __all__ = [
@@ -82,9 +82,9 @@ def linear_method(
 ) -> LinearMethod:
     """The method for a model's linears: the quantized one asked for, else the fastest float one."""
     if quantization is None:
-        if dtype != torch.bfloat16 or device.type != "cpu":
-            return UNQUANTIZED
-        return OneDNNPrepacked() if can_prepack(dtype, device) else Float32Compute()
+        if can_prepack(dtype, device):
+            return OneDNNPrepacked()
+        return Float32Compute() if gemm_dtype(dtype, device.type) != dtype else UNQUANTIZED
     check_supported(quantization, dtype, device)
     if quantization == "int8":
         return Int8()

@@ -28,6 +28,16 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 @cache
+def gemm_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a matmul of `dtype` values runs fastest in, exactly: float32 for bfloat16 on a CPU without
+    native bf16 (AVX2), where torch's bf16 GEMM and bmm take a slow path several times slower than
+    float32, and bf16 products are exact in float32. Cached: the decode attention asks every layer."""
+    if dtype == torch.bfloat16 and device_type == "cpu" and not _onednn_bf16_prepack_works():
+        return torch.float32
+    return dtype
+
+
+@cache
 def _onednn_bf16_prepack_works() -> bool:
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
