@@ -2,7 +2,9 @@
 
 - `Unquantized` (base.py): F.linear on the float weight, the reference;
 - `OneDNNPrepacked` (onednn.py): CPU bfloat16 with the weight prepacked for oneDNN, where the CPU can;
-- `Float32Compute` (upcast.py): CPU bfloat16 where it cannot (no native bf16): float32 weights and GEMM;
+- `Bf16Widened` (upcast.py): CPU bfloat16 where it cannot (no native bf16): bf16 weights widened to
+  float32 by loom's own kernel (gemv.c) for decode batches, per call for larger ones;
+- `Float32Compute` (upcast.py): the same without a C compiler: a float32 copy of the weights;
 - `Int8` (int8.py): weight-only int8, one scale per output channel;
 - `Int4` (int4.py): weight-only int4, groups of 32-128 input channels with a scale and a zero point.
 
@@ -19,16 +21,18 @@ from torch import nn
 from loom.config import QUANTIZATION_GROUP_SIZES as GROUP_SIZES
 from loom.config import QUANTIZATIONS
 from loom.errors import InvalidRequest
+from loom.layers.quant import gemv
 from loom.layers.quant.base import UNQUANTIZED, LinearMethod, Unquantized
 from loom.layers.quant.int4 import Int4
 from loom.layers.quant.int8 import Int8
 from loom.layers.quant.onednn import OneDNNPrepacked, can_prepack, gemm_dtype
-from loom.layers.quant.upcast import Float32Compute
+from loom.layers.quant.upcast import Bf16Widened, Float32Compute
 
 __all__ = [
     "GROUP_SIZES",
     "QUANTIZATIONS",
     "UNQUANTIZED",
+    "Bf16Widened",
     "Float32Compute",
     "Int4",
     "Int8",
@@ -84,7 +88,9 @@ def linear_method(
     if quantization is None:
         if can_prepack(dtype, device):
             return OneDNNPrepacked()
-        return Float32Compute() if gemm_dtype(dtype, device.type) != dtype else UNQUANTIZED
+        if gemm_dtype(dtype, device.type) == dtype:
+            return UNQUANTIZED
+        return Bf16Widened() if gemv.available() else Float32Compute()
     check_supported(quantization, dtype, device)
     if quantization == "int8":
         return Int8()

@@ -1,10 +1,15 @@
-"""int8 weight-only quantization: one symmetric scale per output channel, multiplied by torch's CPU kernel
-`torch.ops.aten._weight_int8pack_mm`, which reads the int8 weight as it is (no packing).
+"""int8 weight-only quantization: one symmetric scale per output channel.
 
-Activations enter the kernel in bfloat16 whatever the model's dtype (`COMPUTE_DTYPE`): on an AVX2 CPU the
-kernel's float32 path is scalar code, 3-10x slower than a float32 `F.linear`, while its bfloat16 path is
-the fast one (benchmarks/quant_kernels.py has the figures). The kernel accumulates in float32 and
-rounds its result to bfloat16; the reference twin does the same arithmetic in plain PyTorch.
+Where loom's CPU kernels build (`gemv.available()`), up to `gemv.MAX_ROWS` rows run loom's int8 kernel,
+which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per call for
+a float32 `F.linear`: both faster than torch's `_weight_int8pack_mm` on the AVX2 machine we measure on
+(the table in gemv.py), which runs elsewhere.
+
+Activations enter in bfloat16 whatever the model's dtype (`COMPUTE_DTYPE`): torch's kernel's float32
+path is scalar code on AVX2, 3-10x slower than a float32 `F.linear`, while its bfloat16 path is the fast
+one (benchmarks/quant_kernels.py has the figures); loom's paths round the input the same way so that all
+compute one thing. Each accumulates in float32 and rounds its result to bfloat16; the reference twin does
+the same arithmetic in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from loom.layers.quant import gemv
 from loom.layers.quant.base import LinearMethod, as_2d, finish, free_weight
 
 if TYPE_CHECKING:
@@ -51,11 +57,19 @@ class Int8(LinearMethod):
         q, scale = quantize_int8(layer.weight)
         layer.register_buffer("qweight", q, persistent=False)  # [out, in] int8
         layer.register_buffer("scales", scale, persistent=False)  # [out]
+        layer.register_buffer("scales_fp32", scale.float(), persistent=False)  # what loom's kernel reads
         if not keep_weight:
             free_weight(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(as_2d(x, COMPUTE_DTYPE), layer.qweight, layer.scales)
+        rows = as_2d(x, COMPUTE_DTYPE)
+        if not gemv.available():
+            out = torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, layer.scales)
+        elif rows.shape[0] <= gemv.MAX_ROWS:
+            out = gemv.gemv_int8(rows.float(), layer.qweight, layer.scales_fp32).to(COMPUTE_DTYPE)
+        else:
+            w = dequantize_int8(layer.qweight, layer.scales)
+            out = F.linear(rows.float(), w).to(COMPUTE_DTYPE)
         return finish(out, x, layer.bias)
 
     def reference(self) -> LinearMethod:

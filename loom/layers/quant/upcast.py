@@ -1,12 +1,17 @@
-"""CPU bfloat16 linears computed in float32, for CPUs without native bf16 (no AVX-512 BF16, no AMX).
+"""CPU bfloat16 linears for CPUs without native bf16 (no AVX-512 BF16, no AMX), computed in float32.
 
 There, PyTorch's bf16 GEMM takes a slow path: measured on a 2-core AVX2 machine, one thread, a
 [M, 768] x [768, 2048] bf16 `F.linear` takes 1.7x the float32 time at M = 1 and 4.6x at M = 16 (5,584 vs
-1,209 us), and oneDNN cannot prepack bf16 weights (`can_prepack`). This method keeps a float32 copy of
-the weight and multiplies the bf16 input, widened, with it: every bf16 x bf16 product is exact in
-float32, so the result is a bf16 GEMM with float32 accumulation rounded once to bf16, as a native kernel
-computes it (up to summation order). The price is memory: the weights take twice the bf16 bytes.
-The twin is `F.linear` on the bf16 weight.
+1,209 us), and oneDNN cannot prepack bf16 weights (`can_prepack`). Every bf16 x bf16 product is exact in
+float32, so a float32 GEMM on the widened values is a bf16 GEMM with float32 accumulation rounded once to
+bf16, as a native kernel computes it (up to summation order). Two ways to get there:
+
+- `Bf16Widened` (where loom's CPU kernels build, `gemv.available()`): the weight stays bf16; up to
+  `gemv.MAX_ROWS` rows (decode steps) loom's kernel widens it in registers, reading half the bytes of a
+  float32 copy; beyond (prefill chunks) the weight is widened per call for a float32 `F.linear`.
+- `Float32Compute` (no C compiler): a float32 copy of the weight, twice the bf16 memory.
+
+The twin of both is `F.linear` on the bf16 weight.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from loom.layers.quant.base import UNQUANTIZED, LinearMethod, free_weight
+from loom.layers.quant import gemv
+from loom.layers.quant.base import UNQUANTIZED, LinearMethod, as_2d, free_weight
 
 if TYPE_CHECKING:
     from loom.layers.linear import Linear
@@ -34,6 +40,27 @@ class Float32Compute(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), layer.weight_fp32, layer.bias_fp32).to(x.dtype)
+
+    def reference(self) -> LinearMethod:
+        return UNQUANTIZED
+
+
+class Bf16Widened(LinearMethod):
+    name = "bf16-widened"
+
+    def process_weights(self, layer: Linear, keep_weight: bool) -> None:
+        bias = layer.bias.detach().float() if layer.bias is not None else None
+        layer.register_buffer("bias_fp32", bias, persistent=False)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        rows = as_2d(x, torch.float32)
+        if rows.shape[0] <= gemv.MAX_ROWS and layer.in_features % gemv.K_MULTIPLE == 0:
+            out = gemv.gemv_bf16(rows, layer.weight)
+            if layer.bias_fp32 is not None:
+                out += layer.bias_fp32
+        else:
+            out = F.linear(rows, layer.weight.float(), layer.bias_fp32)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
     def reference(self) -> LinearMethod:
         return UNQUANTIZED

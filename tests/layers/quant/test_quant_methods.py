@@ -17,6 +17,7 @@ from loom.errors import InvalidRequest
 from loom.layers.linear import Linear, MergedLinear
 from loom.layers.quant import (
     UNQUANTIZED,
+    Bf16Widened,
     Float32Compute,
     Int4,
     Int8,
@@ -24,6 +25,7 @@ from loom.layers.quant import (
     OneDNNPrepacked,
     can_prepack,
     check_supported,
+    gemv,
     linear_method,
     process_linears,
     weight_bytes,
@@ -41,7 +43,7 @@ QUANT_ERROR = {"int8": 0.02, "int4": 0.15}
 METHODS = [Int8(), Int4(32), Int4(64), Int4(128)]
 # (out, in): out not a multiple of 16 (int4 pads it), single rows, the tiny models' shapes, a wide one
 SHAPES = [(96, 256), (40, 128), (1000, 384), (1, 128), (2048, 128), (128, 384)]
-ROWS = [1, 7, 33]
+ROWS = [1, 7, 33, 80]  # 80: past gemv.MAX_ROWS, where the CPU methods switch paths
 
 
 def ids(m: LinearMethod) -> str:
@@ -177,8 +179,9 @@ def test_tied_weight_stays_for_the_embedding_and_memory_shrinks():
     assert counts == {"int8": 2}
     assert model.embed.weight.shape == (256, 128)  # still there for the lookup
     assert model.proj.weight.numel() == 0 and model.proj.weight.untyped_storage().nbytes() == 0
-    # float32 proj (4 B/weight) became int8 + scales; the tied head added an int8 copy.
-    assert weight_bytes(model) == before - 384 * 128 * 4 + (384 + 256) * (128 + 2)
+    # float32 proj (4 B/weight) became int8 + scales (bf16, and float32 for loom's kernel); the tied head
+    # added an int8 copy.
+    assert weight_bytes(model) == before - 384 * 128 * 4 + (384 + 256) * (128 + 2 + 4)
 
 
 def test_process_linears_names_the_layer_it_cannot_quantize():
@@ -193,8 +196,12 @@ def test_float_method_is_plain_f_linear_on_this_cpu_or_prepacked():
     cpu = torch.device("cpu")
     assert linear_method(None, 128, torch.float32, cpu) is UNQUANTIZED
     bf16 = linear_method(None, 128, torch.bfloat16, cpu)
-    # bf16: prepacked for oneDNN where the CPU has native bf16, else computed in float32
-    assert isinstance(bf16, OneDNNPrepacked if can_prepack(torch.bfloat16, cpu) else Float32Compute)
+    # bf16: prepacked for oneDNN where the CPU has native bf16, else computed in float32 (by loom's
+    # kernels where they build)
+    if can_prepack(torch.bfloat16, cpu):
+        assert isinstance(bf16, OneDNNPrepacked)
+    else:
+        assert isinstance(bf16, Bf16Widened if gemv.available() else Float32Compute)
     assert linear_method(None, 128, torch.bfloat16, torch.device("meta")) is UNQUANTIZED
     assert isinstance(linear_method("int8", 128, torch.bfloat16, cpu), Int8)
     int4 = linear_method("int4", 64, torch.float32, cpu)

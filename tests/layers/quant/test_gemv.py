@@ -1,0 +1,155 @@
+"""loom's own CPU kernels (gemv.c) and the methods that use them, against plain PyTorch.
+
+The kernels accumulate in float32 in their own order, so they are held to float32 rounding of the sum
+of |x| |w| against a float64 product; the methods to their twins as every method is
+(test_quant_methods.assert_kernel_matches_twin), on both sides of gemv.MAX_ROWS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loom.layers.quant import Bf16Widened, Int8, gemv, linear_method
+from loom.layers.quant.int8 import dequantize_int8, quantize_int8
+from tests.layers.quant.test_quant_methods import assert_kernel_matches_twin, pair
+
+
+def _cpu_can() -> bool:
+    flags = set(
+        re.findall(
+            r"\w+",
+            next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), ""),
+        )
+    )
+    return {"avx2", "fma"} <= flags and gemv._compiler() is not None
+
+
+def test_kernels_build_and_load_on_this_machine():
+    """Every machine we run on (x86 with AVX2, a C compiler) must get the kernels: a silent fallback
+    would hide a broken build behind torch's slower path."""
+    if not _cpu_can():
+        pytest.fail("this machine lacks AVX2/FMA or a C compiler; the suite expects both")
+    assert gemv.available()
+    assert list(gemv.kernel_dir().glob("gemv-*.so"))
+
+
+def close_to_float64(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    exact = x.double() @ w.double().t()
+    bound = (x.double().abs() @ w.double().abs().t()) * 2**-20 + 1e-30
+    assert ours.dtype == torch.float32 and ours.shape == exact.shape
+    assert ((ours.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 136), (5, 768), (37, 256), (1000, 64)], ids=str)
+def test_bf16_and_int8_kernels_compute_the_product(rows, shape):
+    n, k = shape
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    close_to_float64(gemv.gemv_bf16(x, w), x, w.float())
+    q, scale = quantize_int8(w.float())
+    ours = gemv.gemv_int8(x, q, scale.float())
+    close_to_float64(ours, x, dequantize_int8(q, scale))
+
+
+def test_kernels_give_the_same_bits_with_any_thread_count():
+    """Each output is one thread's sum in a fixed order: the thread count must not change a bit (the
+    engine's outputs may not depend on --num-threads)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 512, generator=gen), torch.randn(203, 512, generator=gen).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(gemv.gemv_bf16(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_kernels_refuse_what_they_cannot_read():
+    x = torch.randn(2, 64)
+    w = torch.randn(16, 64).bfloat16()
+    with pytest.raises(ValueError, match="float32"):
+        gemv.gemv_bf16(x.double(), w)
+    with pytest.raises(ValueError, match="bfloat16 weight"):
+        gemv.gemv_bf16(x, w.float())
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv.gemv_bf16(x, torch.randn(64, 16).bfloat16().t())
+    with pytest.raises(ValueError, match="K % 8"):
+        gemv.gemv_bf16(torch.randn(2, 60), torch.randn(16, 60).bfloat16())
+    q, scale = quantize_int8(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="scales"):
+        gemv.gemv_int8(x, q, scale)  # bfloat16 scales: the kernel reads float32
+
+
+# Rows on both sides of MAX_ROWS (the kernel, then the widened-weight GEMM); in_features 100 is not a
+# multiple of 8, so the bf16 method takes the GEMM at every size.
+@pytest.mark.parametrize("rows", [1, 4, gemv.MAX_ROWS, gemv.MAX_ROWS + 1, 200])
+@pytest.mark.parametrize("shape", [(37, 256), (96, 100), (2, 768)], ids=str)
+def test_bf16_widened_matches_the_bf16_linear(rows, shape):
+    out_f, in_f = shape
+    layer, twin, weight, bias = pair(Bf16Widened(), out_f, in_f, torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, weight)  # no float32 copy
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    ours = layer(x)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, out_f)
+    assert_kernel_matches_twin(ours, twin(x), bias)
+    assert_kernel_matches_twin(ours, F.linear(x, weight, bias), bias)
+
+
+@pytest.mark.parametrize("rows", [1, 3, gemv.MAX_ROWS, gemv.MAX_ROWS + 1])
+def test_int8_paths_match_the_twin_on_both_sides_of_max_rows(rows):
+    layer, twin, _, bias = pair(Int8(), 203, 256, torch.float32)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    assert_kernel_matches_twin(layer(x), twin(x), bias)
+
+
+def test_without_the_kernels_bf16_falls_back_to_a_float32_copy():
+    """LOOM_CPU_KERNELS=0 (as when no compiler is found): a fresh process picks Float32Compute for bf16
+    on this CPU and torch's int8 kernel, and both still compute the product."""
+    code = (
+        "import torch\n"
+        "from loom.layers.quant import gemv, linear_method, can_prepack\n"
+        "from loom.layers.linear import Linear\n"
+        "from loom.layers.quant import process_linears, Int8\n"
+        "assert not gemv.available()\n"
+        "m = linear_method(None, 128, torch.bfloat16, torch.device('cpu'))\n"
+        "print(m.name)\n"
+        "layer = Linear(64, 8)\n"
+        "torch.nn.init.normal_(layer.weight)\n"
+        "w = layer.weight.detach().clone()\n"
+        "process_linears(layer, Int8())\n"
+        "x = torch.randn(3, 64)\n"
+        "print(float((layer(x) - x @ w.t()).norm() / (x @ w.t()).norm()))\n"
+    )
+    env = {**os.environ, "LOOM_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    name, err = out.stdout.split()
+    assert name == (
+        "onednn-bf16"
+        if linear_method(None, 128, torch.bfloat16, torch.device("cpu")).name == "onednn-bf16"
+        else "bf16-in-fp32"
+    )
+    assert float(err) < 0.02
+
+
+def test_a_failed_build_is_an_error_naming_the_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fake cc: no such option' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match="fake cc: no such option"):
+        gemv.build(str(fake))
+    assert not list((tmp_path / "loom" / "kernels").glob("*"))  # no half-written library left behind
