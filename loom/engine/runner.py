@@ -309,6 +309,7 @@ class ModelRunner:
             key_mask=(key_pos < torch.tensor(lens, device=dev).unsqueeze(1))[
                 None, :, None, :
             ],  # [1, n, 1, L]
+            seq_lens=torch.tensor(lens, dtype=torch.long),
         )
 
 

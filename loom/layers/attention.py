@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.kernels import cpu
 from loom.layers.quant.onednn import gemm_dtype
 
 
@@ -39,6 +40,8 @@ class DecodeGroup:
     """[n, max_blocks] block ids of each sequence, padded with 0."""
     key_mask: torch.Tensor
     """[1, n, 1, max_blocks * block_size] True where a key position is inside the sequence."""
+    seq_lens: torch.Tensor
+    """[n] keys of each sequence, this step's included (a CPU long tensor)."""
 
 
 @dataclass(slots=True)
@@ -101,6 +104,17 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=self.gqa, **kwargs)
 
     def _decode(self, q: torch.Tensor, cache: KVCache, group: DecodeGroup, block_size: int) -> torch.Tensor:
+        if (
+            cpu.fused(q)
+            and cache.k.dtype == q.dtype
+            and self.head_dim % cpu.K_MULTIPLE == 0
+            and self.num_heads // self.num_kv_heads <= cpu.MAX_QUERIES_PER_KV
+        ):
+            # loom's kernel reads the keys and values in place through the block table; the code
+            # below is its twin.
+            return cpu.attention_decode(
+                q.contiguous(), cache.k, cache.v, group.block_table, group.seq_lens, self.scale
+            )
         # Grouped matmuls instead of SDPA: with a padding mask and a batch of single queries, CPU SDPA
         # falls back to a slow path (6x slower in bf16 at batch 48); this keeps K/V unrepeated for GQA
         # and does the softmax in float32 like HF's eager attention.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loom.kernels import cpu
 from loom.layers.linear import Linear
 from loom.layers.quant import (
     UNQUANTIZED,
@@ -14,7 +15,6 @@ from loom.layers.quant import (
     Float32Compute,
     OneDNNPrepacked,
     can_prepack,
-    gemv,
     linear_method,
     process_linears,
 )
@@ -42,7 +42,7 @@ def test_float_method_matches_f_linear_and_keeps_only_shared_weights():
     if not can_prepack(torch.bfloat16, torch.device("cpu")):
         # A CPU without AVX-512 or AVX-NE-CONVERT: a float32 GEMM (bf16's is slow there), on weights
         # kept in bf16 where loom's kernels build.
-        widened = gemv.available()
+        widened = cpu.available()
         assert isinstance(method, Bf16Widened if widened else Float32Compute)
         assert method.reference() is UNQUANTIZED
         assert process_linears(model, method) == {method.name: 2}

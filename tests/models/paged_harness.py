@@ -119,4 +119,5 @@ class PagedGreedy:
             token_idx=torch.arange(len(seqs)),
             block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
             key_mask=(key_pos < torch.tensor(lens).unsqueeze(1))[None, :, None, :],
+            seq_lens=torch.tensor(lens),
         )

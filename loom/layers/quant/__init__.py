@@ -3,7 +3,7 @@
 - `Unquantized` (base.py): F.linear on the float weight, the reference;
 - `OneDNNPrepacked` (onednn.py): CPU bfloat16 with the weight prepacked for oneDNN, where the CPU can;
 - `Bf16Widened` (upcast.py): CPU bfloat16 where it cannot (no native bf16): bf16 weights widened to
-  float32 by loom's own kernel (gemv.c) for decode batches, per call for larger ones;
+  float32 by loom's own kernel (loom/kernels/gemv.c) for decode batches, per call for larger ones;
 - `Float32Compute` (upcast.py): the same without a C compiler: a float32 copy of the weights;
 - `Int8` (int8.py): weight-only int8, one scale per output channel;
 - `Int4` (int4.py): weight-only int4, groups of 32-128 input channels with a scale and a zero point.
@@ -21,7 +21,7 @@ from torch import nn
 from loom.config import QUANTIZATION_GROUP_SIZES as GROUP_SIZES
 from loom.config import QUANTIZATIONS
 from loom.errors import InvalidRequest
-from loom.layers.quant import gemv
+from loom.kernels import cpu
 from loom.layers.quant.base import UNQUANTIZED, LinearMethod, Unquantized
 from loom.layers.quant.int4 import Int4
 from loom.layers.quant.int8 import Int8
@@ -90,7 +90,7 @@ def linear_method(
             return OneDNNPrepacked()
         if gemm_dtype(dtype, device.type) == dtype:
             return UNQUANTIZED
-        return Bf16Widened() if gemv.available() else Float32Compute()
+        return Bf16Widened() if cpu.available() else Float32Compute()
     check_supported(quantization, dtype, device)
     if quantization == "int8":
         return Int8()

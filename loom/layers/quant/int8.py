@@ -1,9 +1,9 @@
 """int8 weight-only quantization: one symmetric scale per output channel.
 
-Where loom's CPU kernels build (`gemv.available()`), up to `gemv.MAX_ROWS` rows run loom's int8 kernel,
+Where loom's CPU kernels build (`cpu.available()`), up to `cpu.MAX_ROWS` rows run loom's int8 kernel,
 which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per call for
 a float32 `F.linear`: both faster than torch's `_weight_int8pack_mm` on the AVX2 machine we measure on
-(the table in gemv.py), which runs elsewhere.
+(the table in loom/kernels/cpu.py), which runs elsewhere.
 
 Activations enter in bfloat16 whatever the model's dtype (`COMPUTE_DTYPE`): torch's kernel's float32
 path is scalar code on AVX2, 3-10x slower than a float32 `F.linear`, while its bfloat16 path is the fast
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from loom.layers.quant import gemv
+from loom.kernels import cpu
 from loom.layers.quant.base import LinearMethod, as_2d, finish, free_weight
 
 if TYPE_CHECKING:
@@ -62,14 +62,14 @@ class Int8(LinearMethod):
             free_weight(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if cpu.available() and x.numel() <= cpu.MAX_ROWS * layer.in_features:
+            out = cpu.matmul(x.contiguous(), layer.qweight, layer.scales_fp32, via_bf16=True)
+            return out if layer.bias is None else out + layer.bias
         rows = as_2d(x, COMPUTE_DTYPE)
-        if not gemv.available():
-            out = torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, layer.scales)
-        elif rows.shape[0] <= gemv.MAX_ROWS:
-            out = gemv.gemv_int8(rows.float(), layer.qweight, layer.scales_fp32).to(COMPUTE_DTYPE)
+        if cpu.available():
+            out = F.linear(rows.float(), dequantize_int8(layer.qweight, layer.scales)).to(COMPUTE_DTYPE)
         else:
-            w = dequantize_int8(layer.qweight, layer.scales)
-            out = F.linear(rows.float(), w).to(COMPUTE_DTYPE)
+            out = torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, layer.scales)
         return finish(out, x, layer.bias)
 
     def reference(self) -> LinearMethod:

@@ -6,8 +6,8 @@ There, PyTorch's bf16 GEMM takes a slow path: measured on a 2-core AVX2 machine,
 float32, so a float32 GEMM on the widened values is a bf16 GEMM with float32 accumulation rounded once to
 bf16, as a native kernel computes it (up to summation order). Two ways to get there:
 
-- `Bf16Widened` (where loom's CPU kernels build, `gemv.available()`): the weight stays bf16; up to
-  `gemv.MAX_ROWS` rows (decode steps) loom's kernel widens it in registers, reading half the bytes of a
+- `Bf16Widened` (where loom's CPU kernels build, `cpu.available()`): the weight stays bf16; up to
+  `cpu.MAX_ROWS` rows (decode steps) loom's kernel widens it in registers, reading half the bytes of a
   float32 copy; beyond (prefill chunks) the weight is widened per call for a float32 `F.linear`.
 - `Float32Compute` (no C compiler): a float32 copy of the weight, twice the bf16 memory.
 
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from loom.layers.quant import gemv
-from loom.layers.quant.base import UNQUANTIZED, LinearMethod, as_2d, free_weight
+from loom.kernels import cpu
+from loom.layers.quant.base import UNQUANTIZED, LinearMethod, free_weight
 
 if TYPE_CHECKING:
     from loom.layers.linear import Linear
@@ -49,18 +49,16 @@ class Bf16Widened(LinearMethod):
     name = "bf16-widened"
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
+        # Plain tensors for the kernel (a Parameter's attribute reads cost microseconds each, per call).
+        layer.register_buffer("weight_bf16", layer.weight.detach(), persistent=False)
         bias = layer.bias.detach().float() if layer.bias is not None else None
         layer.register_buffer("bias_fp32", bias, persistent=False)
+        layer.gemv_rows = cpu.MAX_ROWS if layer.in_features % cpu.K_MULTIPLE == 0 else 0
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        rows = as_2d(x, torch.float32)
-        if rows.shape[0] <= gemv.MAX_ROWS and layer.in_features % gemv.K_MULTIPLE == 0:
-            out = gemv.gemv_bf16(rows, layer.weight)
-            if layer.bias_fp32 is not None:
-                out += layer.bias_fp32
-        else:
-            out = F.linear(rows, layer.weight.float(), layer.bias_fp32)
-        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+        if x.numel() <= layer.gemv_rows * layer.in_features:
+            return cpu.matmul(x.contiguous(), layer.weight_bf16, bias=layer.bias_fp32)
+        return F.linear(x.float(), layer.weight_bf16.float(), layer.bias_fp32).to(x.dtype)
 
     def reference(self) -> LinearMethod:
         return UNQUANTIZED

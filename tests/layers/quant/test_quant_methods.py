@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.errors import InvalidRequest
+from loom.kernels import cpu as kernels
 from loom.layers.linear import Linear, MergedLinear
 from loom.layers.quant import (
     UNQUANTIZED,
@@ -25,7 +26,6 @@ from loom.layers.quant import (
     OneDNNPrepacked,
     can_prepack,
     check_supported,
-    gemv,
     linear_method,
     process_linears,
     weight_bytes,
@@ -43,7 +43,7 @@ QUANT_ERROR = {"int8": 0.02, "int4": 0.15}
 METHODS = [Int8(), Int4(32), Int4(64), Int4(128)]
 # (out, in): out not a multiple of 16 (int4 pads it), single rows, the tiny models' shapes, a wide one
 SHAPES = [(96, 256), (40, 128), (1000, 384), (1, 128), (2048, 128), (128, 384)]
-ROWS = [1, 7, 33, 80]  # 80: past gemv.MAX_ROWS, where the CPU methods switch paths
+ROWS = [1, 7, 33, 80]  # 80: past kernels.MAX_ROWS, where the CPU methods switch paths
 
 
 def ids(m: LinearMethod) -> str:
@@ -201,7 +201,7 @@ def test_float_method_is_plain_f_linear_on_this_cpu_or_prepacked():
     if can_prepack(torch.bfloat16, cpu):
         assert isinstance(bf16, OneDNNPrepacked)
     else:
-        assert isinstance(bf16, Bf16Widened if gemv.available() else Float32Compute)
+        assert isinstance(bf16, Bf16Widened if kernels.available() else Float32Compute)
     assert linear_method(None, 128, torch.bfloat16, torch.device("meta")) is UNQUANTIZED
     assert isinstance(linear_method("int8", 128, torch.bfloat16, cpu), Int8)
     int4 = linear_method("int4", 64, torch.float32, cpu)

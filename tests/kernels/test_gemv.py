@@ -1,8 +1,8 @@
-"""loom's own CPU kernels (gemv.c) and the methods that use them, against plain PyTorch.
+"""loom's own CPU GEMV kernels (gemv.c) and the linear methods that use them, against plain PyTorch.
 
 The kernels accumulate in float32 in their own order, so they are held to float32 rounding of the sum
 of |x| |w| against a float64 product; the methods to their twins as every method is
-(test_quant_methods.assert_kernel_matches_twin), on both sides of gemv.MAX_ROWS.
+(test_quant_methods.assert_kernel_matches_twin), on both sides of cpu.MAX_ROWS.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loom.layers.quant import Bf16Widened, Int8, gemv, linear_method
+from loom.kernels import cpu
+from loom.layers.quant import Bf16Widened, Int8, linear_method
 from loom.layers.quant.int8 import dequantize_int8, quantize_int8
 from tests.layers.quant.test_quant_methods import assert_kernel_matches_twin, pair
 
@@ -29,7 +30,7 @@ def _cpu_can() -> bool:
             next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), ""),
         )
     )
-    return {"avx2", "fma"} <= flags and gemv._compiler() is not None
+    return {"avx2", "fma"} <= flags and cpu._compiler() is not None
 
 
 def test_kernels_build_and_load_on_this_machine():
@@ -37,8 +38,8 @@ def test_kernels_build_and_load_on_this_machine():
     would hide a broken build behind torch's slower path."""
     if not _cpu_can():
         pytest.fail("this machine lacks AVX2/FMA or a C compiler; the suite expects both")
-    assert gemv.available()
-    assert list(gemv.kernel_dir().glob("gemv-*.so"))
+    assert cpu.available()
+    assert list(cpu.kernel_dir().glob("loom-cpu-*.so"))
 
 
 def close_to_float64(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -55,10 +56,18 @@ def test_bf16_and_int8_kernels_compute_the_product(rows, shape):
     gen = torch.Generator().manual_seed(rows * 1000 + n)
     x = torch.randn(rows, k, generator=gen)
     w = torch.randn(n, k, generator=gen).bfloat16()
-    close_to_float64(gemv.gemv_bf16(x, w), x, w.float())
+    close_to_float64(cpu.matmul(x, w), x, w.float())
     q, scale = quantize_int8(w.float())
-    ours = gemv.gemv_int8(x, q, scale.float())
-    close_to_float64(ours, x, dequantize_int8(q, scale))
+    close_to_float64(cpu.matmul(x, q, scale.float()), x, dequantize_int8(q, scale))
+    # bf16 in and out: the float32 result rounded to nearest even, as torch rounds
+    xb = x.bfloat16()
+    bias = torch.randn(n, generator=gen)
+    expected = cpu.matmul(xb.float(), w, bias=bias).bfloat16()
+    assert torch.equal(cpu.matmul(xb, w, bias=bias), expected)
+    # int8's arithmetic on a float32 x: x rounded to bf16 values, the result too
+    via = cpu.matmul(x, q, scale.float(), via_bf16=True)
+    assert via.dtype == torch.float32
+    assert torch.equal(via, cpu.matmul(x.bfloat16().float(), q, scale.float()).bfloat16().float())
 
 
 def test_kernels_give_the_same_bits_with_any_thread_count():
@@ -71,7 +80,7 @@ def test_kernels_give_the_same_bits_with_any_thread_count():
         outs = []
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            outs.append(gemv.gemv_bf16(x, w))
+            outs.append(cpu.matmul(x, w))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
@@ -80,22 +89,26 @@ def test_kernels_give_the_same_bits_with_any_thread_count():
 def test_kernels_refuse_what_they_cannot_read():
     x = torch.randn(2, 64)
     w = torch.randn(16, 64).bfloat16()
-    with pytest.raises(ValueError, match="float32"):
-        gemv.gemv_bf16(x.double(), w)
-    with pytest.raises(ValueError, match="bfloat16 weight"):
-        gemv.gemv_bf16(x, w.float())
-    with pytest.raises(ValueError, match="contiguous"):
-        gemv.gemv_bf16(x, torch.randn(64, 16).bfloat16().t())
+    with pytest.raises(ValueError, match="float32 or bf16 x"):
+        cpu.matmul(x.double(), w)
+    with pytest.raises(ValueError, match="float32 or bf16 x"):
+        cpu.matmul(torch.randn(64, 2).t(), w)  # not contiguous
+    with pytest.raises(ValueError, match="bfloat16 or int8 weight"):
+        cpu.matmul(x, w.float())
+    with pytest.raises(ValueError, match="contiguous bfloat16 or int8"):
+        cpu.matmul(x, torch.randn(64, 16).bfloat16().t())
     with pytest.raises(ValueError, match="K % 8"):
-        gemv.gemv_bf16(torch.randn(2, 60), torch.randn(16, 60).bfloat16())
+        cpu.matmul(torch.randn(2, 60), torch.randn(16, 60).bfloat16())
     q, scale = quantize_int8(torch.randn(16, 64))
     with pytest.raises(ValueError, match="scales"):
-        gemv.gemv_int8(x, q, scale)  # bfloat16 scales: the kernel reads float32
+        cpu.matmul(x, q, scale)  # bfloat16 scales: the kernel reads float32
+    with pytest.raises(ValueError, match="bias"):
+        cpu.matmul(x, q, scale.float(), bias=torch.zeros(15))
 
 
 # Rows on both sides of MAX_ROWS (the kernel, then the widened-weight GEMM); in_features 100 is not a
 # multiple of 8, so the bf16 method takes the GEMM at every size.
-@pytest.mark.parametrize("rows", [1, 4, gemv.MAX_ROWS, gemv.MAX_ROWS + 1, 200])
+@pytest.mark.parametrize("rows", [1, 4, cpu.MAX_ROWS, cpu.MAX_ROWS + 1, 200])
 @pytest.mark.parametrize("shape", [(37, 256), (96, 100), (2, 768)], ids=str)
 def test_bf16_widened_matches_the_bf16_linear(rows, shape):
     out_f, in_f = shape
@@ -108,7 +121,7 @@ def test_bf16_widened_matches_the_bf16_linear(rows, shape):
     assert_kernel_matches_twin(ours, F.linear(x, weight, bias), bias)
 
 
-@pytest.mark.parametrize("rows", [1, 3, gemv.MAX_ROWS, gemv.MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, cpu.MAX_ROWS, cpu.MAX_ROWS + 1])
 def test_int8_paths_match_the_twin_on_both_sides_of_max_rows(rows):
     layer, twin, _, bias = pair(Int8(), 203, 256, torch.float32)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
@@ -120,10 +133,11 @@ def test_without_the_kernels_bf16_falls_back_to_a_float32_copy():
     on this CPU and torch's int8 kernel, and both still compute the product."""
     code = (
         "import torch\n"
-        "from loom.layers.quant import gemv, linear_method, can_prepack\n"
+        "from loom.kernels import cpu\n"
+        "from loom.layers.quant import linear_method\n"
         "from loom.layers.linear import Linear\n"
         "from loom.layers.quant import process_linears, Int8\n"
-        "assert not gemv.available()\n"
+        "assert not cpu.available()\n"
         "m = linear_method(None, 128, torch.bfloat16, torch.device('cpu'))\n"
         "print(m.name)\n"
         "layer = Linear(64, 8)\n"
@@ -151,5 +165,5 @@ def test_a_failed_build_is_an_error_naming_the_compiler(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'fake cc: no such option' >&2\nexit 1\n")
     fake.chmod(0o755)
     with pytest.raises(RuntimeError, match="fake cc: no such option"):
-        gemv.build(str(fake))
+        cpu.build(str(fake))
     assert not list((tmp_path / "loom" / "kernels").glob("*"))  # no half-written library left behind

@@ -7,28 +7,13 @@
  *
  * Work split: output channels in blocks of 4, each block a task of an OpenMP loop;
  * inside a block, the input rows in pairs, so the block's weights come from memory once and from L1 for
- * the next pair. Built by loom/layers/quant/gemv.py with -march=native; without AVX2 and FMA only
- * loom_gemv_native() is useful (it returns 0 and the Python side falls back to torch).
+ * the next pair. Built by loom/kernels/cpu.py with -march=native; without AVX2 and FMA only
+ * loom_native() is useful (it returns 0 and the Python side falls back to torch).
  */
-#include <stdint.h>
+#include "common.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
-int loom_gemv_native(void) { return 1; }
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* 8 weights widened to float32 */
-static inline __m256 load_bf16(const uint16_t *p) {
-    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-}
+#ifdef LOOM_NATIVE
+int loom_native(void) { return 1; }
 
 static inline __m256 load_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
@@ -63,12 +48,16 @@ static inline __m256 load_i8(const int8_t *p) {
 DOT_BLOCK(dot_bf16, uint16_t, load_bf16)
 DOT_BLOCK(dot_i8, int8_t, load_i8)
 
-/* The driver: blocks of 4 output channels (the last one may be short), pairs of input rows; R and MR
- * are constants in each branch so the compiler unrolls the block. `scale` (per output channel) may be
- * NULL. */
+/* The driver: y = (x @ w.T) * scale + bias, scale (per output channel) and bias optional (NULL). Blocks
+ * of 4 output channels (the last one may be short), pairs of input rows; R and MR are constants in each
+ * branch so the compiler unrolls the block. Returns 0, or -1 if the widened input's buffer could not be
+ * allocated. */
 #define GEMV(NAME, WT, DOT)                                                                            \
-    void NAME(const float *x, const WT *w, const float *scale, float *y, int64_t M, int64_t N,        \
-              int64_t K, int nthreads) {                                                               \
+    int NAME(const void *x, int x_kind, const WT *w, const float *scale, const float *bias, void *y,  \
+             int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {                              \
+        float *buf = x_kind == F32 ? NULL : malloc(sizeof(float) * M * K);                             \
+        if (x_kind != F32 && !buf) return -1;                                                          \
+        const float *xf = rows_f32(x, x_kind, M * K, buf);                                             \
         int64_t blocks = (N + 3) / 4;                                                                  \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                             \
         for (int64_t b = 0; b < blocks; b++) {                                                         \
@@ -79,20 +68,24 @@ DOT_BLOCK(dot_i8, int8_t, load_i8)
                 float out[4][2];                                                                       \
                 int MR = M - m > 1 ? 2 : 1;                                                            \
                 const WT *pf = m == 0 && b + 1 < blocks ? wb + 4 * K : NULL;                           \
-                if (R == 4 && MR == 2) DOT(x + m * K, K, wb, pf, 4, 2, out);                           \
-                else if (R == 4) DOT(x + m * K, K, wb, pf, 4, 1, out);                                 \
-                else if (MR == 2) DOT(x + m * K, K, wb, pf, R, 2, out);                                \
-                else DOT(x + m * K, K, wb, pf, R, 1, out);                                             \
+                if (R == 4 && MR == 2) DOT(xf + m * K, K, wb, pf, 4, 2, out);                          \
+                else if (R == 4) DOT(xf + m * K, K, wb, pf, 4, 1, out);                                \
+                else if (MR == 2) DOT(xf + m * K, K, wb, pf, R, 2, out);                               \
+                else DOT(xf + m * K, K, wb, pf, R, 1, out);                                            \
                 for (int r = 0; r < R; r++)                                                            \
-                    for (int i = 0; i < MR; i++)                                                       \
-                        y[(m + i) * N + n0 + r] = scale ? out[r][i] * scale[n0 + r] : out[r][i];       \
+                    for (int i = 0; i < MR; i++) {                                                     \
+                        float v = scale ? out[r][i] * scale[n0 + r] : out[r][i];                       \
+                        store(y, y_kind, (m + i) * N + n0 + r, bias ? v + bias[n0 + r] : v);          \
+                    }                                                                                  \
             }                                                                                          \
         }                                                                                              \
+        free(buf);                                                                                     \
+        return 0;                                                                                      \
     }
 
 GEMV(loom_gemv_bf16, uint16_t, dot_bf16)
 GEMV(loom_gemv_int8, int8_t, dot_i8)
 
 #else
-int loom_gemv_native(void) { return 0; }
+int loom_native(void) { return 0; }
 #endif

@@ -1,0 +1,7 @@
+"""loom's own compute kernels, where torch has no fast one for what an inference step does.
+
+- `cpu` (cpu.py + gemv.c, attention.c, elementwise.c): AVX2 kernels for CPU decode steps, compiled on
+  first use with the machine's C compiler: bf16/int8 GEMV, paged decode attention, RMSNorm(+residual)
+  and SiLU-and-mul. Every one has a plain-PyTorch twin in loom/layers that tests compare it with, and
+  the layers fall back to the twin where the kernels do not build.
+"""

@@ -1,0 +1,65 @@
+/* What every loom CPU kernel shares: the value kinds tensors come in, bf16 rounding as torch does it,
+ * and AVX2 helpers. Included by each .c file of loom/kernels (compiled together by cpu.py). */
+#ifndef LOOM_KERNELS_COMMON_H
+#define LOOM_KERNELS_COMMON_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Inputs and outputs come as float32 or bf16 (the model's dtype), so that a linear is one call: */
+enum { F32 = 0, BF16 = 1, F32_VIA_BF16 = 2 }; /* F32_VIA_BF16: float32, rounded to bf16 values */
+
+/* float32 -> bf16, round to nearest even (as torch's .to(torch.bfloat16)); NaN stays NaN */
+static inline uint16_t round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static inline float widen_bf16(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* x as float32 rows: x itself, or a widened / rounded copy in `buf` */
+static const float *rows_f32(const void *x, int x_kind, int64_t n, float *buf) {
+    if (x_kind == F32) return (const float *)x;
+    for (int64_t i = 0; i < n; i++)
+        buf[i] = x_kind == BF16 ? widen_bf16(((const uint16_t *)x)[i])
+                                : widen_bf16(round_bf16(((const float *)x)[i]));
+    return buf;
+}
+
+static inline void store(void *y, int y_kind, int64_t i, float v) {
+    if (y_kind == BF16) ((uint16_t *)y)[i] = round_bf16(v);
+    else ((float *)y)[i] = y_kind == F32_VIA_BF16 ? widen_bf16(round_bf16(v)) : v;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOOM_NATIVE 1
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 weights widened to float32 */
+static inline __m256 load_bf16(const uint16_t *p) {
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+/* 8 floats of x (float32 or bf16 values) as float32 */
+static inline __m256 load8(const void *x, int kind, int64_t i) {
+    return kind == BF16 ? load_bf16((const uint16_t *)x + i) : _mm256_loadu_ps((const float *)x + i);
+}
+#endif
+
+#endif
