@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.c", HERE / "attention.c", HERE / "elementwise.c"]
 HEADERS = [HERE / "common.h"]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# -ffp-contract=off: scalar code rounds each product as the torch twins do (no silent FMA contraction).
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
 # The kernels read 8 input channels at a time.
 K_MULTIPLE = 8
 # The most rows the methods send to these kernels (the table above).
@@ -130,6 +131,9 @@ def _library() -> ctypes.CDLL | None:
     # x, y, kind, M, I, nthreads
     lib.loom_silu_and_mul.argtypes = [p, p, i32, i64, i64, i32]
     lib.loom_silu_and_mul.restype = None
+    # x, x_stride, y, cos, sin, kind, T, heads, head_dim, rotary_dim, interleaved, nthreads
+    lib.loom_rotary.argtypes = [p, i64, p, p, p, i32, i64, i64, i64, i64, i32, i32]
+    lib.loom_rotary.restype = None
     return lib
 
 
@@ -138,15 +142,15 @@ def available() -> bool:
     return _library() is not None
 
 
-def fused(x: torch.Tensor) -> bool:
-    """Whether a layer should run its fused kernel (norm, activation, decode attention) on x: a bf16
-    CPU tensor of a decode-sized batch where the kernels run. float32 keeps the torch twins, the
+def fused(x: torch.Tensor, tokens: int | None = None) -> bool:
+    """Whether a layer should run its fused kernel (norm, activation, rotary, decode attention) on x: a
+    bf16 CPU tensor of a decode-sized batch (`tokens`, default x's rows) where the kernels run. float32 keeps the torch twins, the
     reference loom's float32 outputs match HF transformers token for token with (a fused RMSNorm
     differs from torch's in the last bit of most float32 outputs; in bf16 it is bit-identical)."""
     return (
         x.dtype == torch.bfloat16
         and x.device.type == "cpu"
-        and x.numel() <= MAX_ROWS * x.shape[-1]
+        and (x.numel() // x.shape[-1] if tokens is None else tokens) <= MAX_ROWS
         and available()
     )
 
@@ -272,4 +276,29 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _library().loom_silu_and_mul(
         x.data_ptr(), y.data_ptr(), _KIND[x.dtype], x.numel() // (2 * i), i, torch.get_num_threads()
     )
+    return y
+
+
+def rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool
+) -> torch.Tensor:
+    """Rotary embedding of x [T, heads, head_dim] (float32 or bf16; each token's heads contiguous, tokens
+    at any stride: a column slice of the qkv projection) with cos, sin [T, rotary_dim / 2] of x's dtype,
+    as loom.layers.rotary.RotaryEmbedding._apply computes it. Returns a new contiguous tensor."""
+    t, heads, head_dim = x.shape
+    if x.dtype not in _KIND or x.stride(2) != 1 or x.stride(1) != head_dim:
+        raise ValueError(
+            "rotary takes float32 or bf16 x [T, heads, head_dim] with each token's heads contiguous"
+        )
+    half = rotary_dim // 2
+    for c in (cos, sin):
+        if c.dtype != x.dtype or c.shape != (t, half) or not c.is_contiguous():
+            raise ValueError(f"rotary takes contiguous cos and sin [{t}, {half}] of x's dtype")
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and at most head_dim, got {rotary_dim}")
+    y = torch.empty(t, heads, head_dim, dtype=x.dtype)
+    _library().loom_rotary(
+        x.data_ptr(), x.stride(0), y.data_ptr(), cos.data_ptr(), sin.data_ptr(), _KIND[x.dtype],
+        t, heads, head_dim, rotary_dim, int(interleaved), torch.get_num_threads(),
+    )  # fmt: skip
     return y

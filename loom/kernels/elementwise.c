@@ -38,13 +38,50 @@ void loom_rms_norm(const void *x, const void *residual, const void *w, void *y, 
     }
 }
 
-/* silu(gate) * up over rows of [gate | up] (2 I wide): y [M, I]. */
+/* silu(gate) * up over rows of [gate | up] (2 I wide): y [M, I]. silu(g) = g / (1 + exp(-g)), eight at a
+ * time with exp8 (torch's vectorized silu uses its own exp as well). */
 void loom_silu_and_mul(const void *x, void *y, int kind, int64_t M, int64_t I, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t i = 0; i < I; i++) {
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            __m256 g = load8(x, kind, m * 2 * I + i), u = load8(x, kind, m * 2 * I + I + i);
+            __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            float s[8], uf[8];
+            _mm256_storeu_ps(s, _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+            _mm256_storeu_ps(uf, u);
+            for (int j = 0; j < 8; j++) store(y, kind, m * I + i + j, as_kind(s[j], kind) * uf[j]);
+        }
+        for (; i < I; i++) {
             float g = value(x, kind, m * 2 * I + i), u = value(x, kind, m * 2 * I + I + i);
             store(y, kind, m * I + i, as_kind(g / (1.0f + expf(-g)), kind) * u);
+        }
+    }
+}
+#endif
+
+#ifdef LOOM_NATIVE
+/* Rotary embedding of T tokens' heads: x [T, heads, head_dim] read with a token stride of `x_stride`
+ * elements (q and k are column slices of the qkv projection), written contiguous to y. cos, sin
+ * [T, rotary_dim / 2] in the same kind. The first rotary_dim channels turn, as pairs (i, i + rot/2),
+ * or (2i, 2i + 1) when interleaved; the rest are copied. In bf16 every product and sum is rounded as
+ * the torch twin rounds it (loom/layers/rotary.py). */
+void loom_rotary(const void *x, int64_t x_stride, void *y, const void *cos, const void *sin, int kind,
+                 int64_t T, int64_t heads, int64_t head_dim, int64_t rotary_dim, int interleaved,
+                 int nthreads) {
+    int64_t half = rotary_dim / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t in = t * x_stride + h * head_dim, out = (t * heads + h) * head_dim;
+            for (int64_t i = 0; i < half; i++) {
+                int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+                float x1 = value(x, kind, in + a), x2 = value(x, kind, in + b);
+                float c = value(cos, kind, t * half + i), s = value(sin, kind, t * half + i);
+                store(y, kind, out + a, as_kind(x1 * c, kind) - as_kind(x2 * s, kind));
+                store(y, kind, out + b, as_kind(x2 * c, kind) + as_kind(x1 * s, kind));
+            }
+            for (int64_t i = rotary_dim; i < head_dim; i++) store(y, kind, out + i, value(x, kind, in + i));
         }
     }
 }

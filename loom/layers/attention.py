@@ -105,7 +105,7 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, cache: KVCache, group: DecodeGroup, block_size: int) -> torch.Tensor:
         if (
-            cpu.fused(q)
+            cpu.fused(q, tokens=q.shape[0])
             and cache.k.dtype == q.dtype
             and self.head_dim % cpu.K_MULTIPLE == 0
             and self.num_heads // self.num_kv_heads <= cpu.MAX_QUERIES_PER_KV

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from loom.errors import ModelLoadError
+from loom.kernels import cpu
 
 
 def _inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -71,6 +72,12 @@ class RotaryEmbedding(nn.Module):
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; positions is
         [num_tokens], or [3, num_tokens] (temporal, height, width) in M-RoPE mode."""
         cos, sin = self._cos_sin(positions, q.dtype)
+        if cpu.fused(q, tokens=q.shape[0]):  # loom's kernel, one call per tensor; _apply is its twin
+            c, s = cos.squeeze(1), sin.squeeze(1)
+            return (
+                cpu.rotary(q, c, s, self.rotary_dim, self.interleaved),
+                cpu.rotary(k, c, s, self.rotary_dim, self.interleaved),
+            )
         return self._apply(q, cos, sin), self._apply(k, cos, sin)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

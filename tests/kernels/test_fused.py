@@ -64,6 +64,8 @@ def test_layers_keep_the_twin_for_float32_and_large_batches():
     assert not cpu.fused(torch.zeros(1, 64))  # float32: the HF-exact reference path
     assert cpu.fused(torch.zeros(cpu.MAX_ROWS, 64, dtype=torch.bfloat16))
     assert not cpu.fused(torch.zeros(cpu.MAX_ROWS + 1, 64, dtype=torch.bfloat16))  # a prefill chunk
+    # [tokens, heads, head_dim]: the tokens count, not tokens x heads
+    assert cpu.fused(torch.zeros(16, 12, 64, dtype=torch.bfloat16), tokens=16)
 
 
 def _cache(kvh: int, blocks: int, block_size: int, d: int, dtype: torch.dtype, gen) -> KVCache:
@@ -120,3 +122,22 @@ def test_decode_attention_refuses_what_it_cannot_read():
         cpu.attention_decode(q.float(), cache.k, cache.v, table, torch.tensor([3]), 1.0)
     with pytest.raises(ValueError, match="int64"):
         cpu.attention_decode(q, cache.k, cache.v, table.int(), torch.tensor([3]), 1.0)
+
+
+@pytest.mark.parametrize("interleaved,rotary_dim", [(False, 64), (True, 64), (True, 32)])
+def test_rotary_is_bit_identical_to_its_twin_in_bf16(interleaved, rotary_dim):
+    """q and k are column slices of the qkv projection (tokens strided); the kernel reads them in place.
+    Each product and sum is rounded to bf16 as torch rounds it, so the result must be the same bits."""
+    from loom.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, rotary_dim, 512, 10000.0, interleaved=interleaved)
+    gen = torch.Generator().manual_seed(rotary_dim)
+    qkv = torch.randn(5, 12 * 64 + 2 * 4 * 64, generator=gen).bfloat16()
+    q, k, _ = qkv.split([12 * 64, 4 * 64, 4 * 64], dim=-1)
+    q, k = q.view(5, 12, 64), k.view(5, 4, 64)
+    positions = torch.tensor([0, 1, 7, 300, 511])
+    ours = rope(positions, q, k)
+    cos, sin = rope._cos_sin(positions, torch.bfloat16)
+    for got, x in zip(ours, (q, k), strict=True):
+        assert got.is_contiguous()
+        assert torch.equal(got, rope._apply(x, cos, sin))
