@@ -319,8 +319,11 @@ def compare_plan(args: argparse.Namespace) -> tuple[compare.CompareSettings, str
 
 
 def loom_name(dtype: str, loom_args: list[str]) -> str:
-    """The loom peer's name in the table: its dtype and, when given, its quantization."""
-    quant = loom_args[loom_args.index("--quantization") + 1] if "--quantization" in loom_args[:-1] else None
+    """The loom peer's name in the table: its dtype and, when given, its quantization (as `loom serve`
+    reads the flag: `--quantization int8` or `--quantization=int8`)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--quantization")
+    quant = flags.parse_known_args(loom_args)[0].quantization
     return f"loom ({dtype}{', ' + quant if quant else ''})"
 
 

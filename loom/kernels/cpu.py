@@ -1,27 +1,34 @@
-"""loom's own CPU kernels for bf16 and int8 weights times up to `MAX_ROWS` float32 rows (gemv.c).
+"""loom's own CPU kernels (gemv.c, attention.c, elementwise.c): how they are built and loaded, and the
+Python side of each (argument checks, output allocation, one ctypes call).
 
-Why: a decode step with a few sequences streams every weight from memory once, so its speed is the
-weights' bytes over the memory bandwidth, if the kernel reads them as stored. On a CPU without native
-bf16 (AVX2) torch has no such kernel: a bf16 weight runs fastest as a float32 copy (twice the bytes),
-and `_weight_int8pack_mm` is compute-bound. gemv.c widens the stored weights in registers and
-prefetches the next block of output channels. Measured on the 2-vCPU AVX2 VM, the 12 layers of the 89M
-Llama (weights cold in memory, as in a real step), one thread, ms per pass over all linears:
+The GEMV kernels multiply bf16 or int8 weights by a few rows. A decode step with a few sequences
+streams every weight from memory once, so its speed is the weights' bytes over the memory bandwidth, if
+the kernel reads them as stored. On a CPU without native bf16 (AVX2) torch has no such kernel: a bf16
+weight runs fastest as a float32 copy (twice the bytes), and `_weight_int8pack_mm` is compute-bound.
+gemv.c widens the stored weights in registers and prefetches the next block of output channels.
+`python benchmarks/cpu_kernels.py --threads 1` on the 2-vCPU AVX2 VM: the 12 layers of the 89M Llama,
+weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; loom's
+columns are the linear methods, so past their row limits they show the float32 GEMM they switch to):
 
-| rows | float32 copy, F.linear | gemv bf16 | torch int8 | gemv int8 |
+| rows | float32 copy, F.linear | loom bf16 | torch int8 | loom int8 |
 |---:|---:|---:|---:|---:|
-| 1 | 36-41 | 17-22 | 25-30 | 10-11 |
-| 16 | 136-154 | 78-83 | 116-119 | 68-79 |
-| 64 | 256 | 236 | 312 | 207 |
-| 128 | 333 | 413 | 540 | 401 |
+| 1 | 32.2 | 17.2 | 20.1 | 11.1 |
+| 16 | 118.7 | 77.9 | 93.1 | 73.2 |
+| 32 | 169.3 | 169.8 | 196.9 | 161.2 |
+| 64 | 266.8 | 315.2 | 397.2 | 310.9 |
+| 128 | 430.8 | 485.3 | 747.9 | 574.0 |
 
-Past `MAX_ROWS` rows the weights are reused enough that a float32 GEMM (the weight widened per call,
-5-10% dearer than a kept float32 copy) wins; the methods switch there.
+Past `BF16_MAX_ROWS` (bf16) and `INT8_MAX_ROWS` rows the weights are reused enough that a float32
+GEMM on the weight widened or dequantized per call (10-15% dearer than a kept float32 copy, without its
+memory) beats the GEMV kernel (at 64 rows the bf16 kernel took 350 ms to the float32 copy's 314); the
+methods switch there. The fused ops (decode attention, RMSNorm, SiLU-and-mul, rotary) take batches
+of up to `MAX_ROWS` tokens (`fused`).
 
-The C file is compiled on first use with the machine's C compiler (`$CC`, else `cc`) and `-march=native`,
-into ~/.cache/loom/kernels/ keyed by the source, the flags, the compiler and the CPU's flags; processes
-racing to build it each build a temporary file and rename it into place. Where no compiler is found, the
-build fails or the CPU lacks AVX2 and FMA, `available()` is False and the methods take torch's kernels
-(logged once). LOOM_CPU_KERNELS=0 turns the kernels off.
+The C files are compiled together on first use with the machine's C compiler (`$CC`, else `cc`) and
+`-march=native`, into ~/.cache/loom/kernels/ keyed by the sources, the flags, the compiler and the CPU's
+flags; processes racing to build it each build a temporary file and rename it into place. Where no
+compiler is found, the build fails or the CPU lacks AVX2 and FMA, `available()` is False and the layers
+take torch's ops (logged once). LOOM_CPU_KERNELS=0 turns the kernels off.
 """
 
 from __future__ import annotations
@@ -47,8 +54,12 @@ HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
 # The kernels read 8 input channels at a time.
 K_MULTIPLE = 8
-# The most rows the methods send to these kernels (the table above).
+# The most rows the fused ops take, and the linear methods send to the GEMV kernels (the docstring: at
+# 64 rows the bf16 GEMV is ~10% behind a float32 GEMM, at 32 even; the int8 one still beats torch's
+# kernel and a per-call dequantized GEMM at 128).
 MAX_ROWS = 64
+BF16_MAX_ROWS = 32
+INT8_MAX_ROWS = 128
 # Query heads per kv head the attention kernel handles (MAX_G in attention.c).
 MAX_QUERIES_PER_KV = 16
 

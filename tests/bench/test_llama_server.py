@@ -54,6 +54,10 @@ def test_compare_flags_default_to_the_matching_gguf_and_pass_extra_flags_through
     assert compare_plan(parse("--dtype", "float32"))[1] == "f32"
     assert loom_name("bfloat16", loom_args) == "loom (bfloat16, int8)"
     assert loom_name("float32", []) == "loom (float32)"
+    assert (
+        loom_name("bfloat16", ["--quantization=int4", "--quantization-group-size", "32"])
+        == "loom (bfloat16, int4)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 The kernels accumulate in float32 in their own order, so they are held to float32 rounding of the sum
 of |x| |w| against a float64 product; the methods to their twins as every method is
-(test_quant_methods.assert_kernel_matches_twin), on both sides of cpu.MAX_ROWS.
+(test_quant_methods.assert_kernel_matches_twin), on both sides of the row limits where they switch.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def test_kernels_refuse_what_they_cannot_read():
         cpu.matmul(x, q, scale.float(), bias=torch.zeros(15))
 
 
-# Rows on both sides of MAX_ROWS (the kernel, then the widened-weight GEMM); in_features 100 is not a
+# Rows on both sides of BF16_MAX_ROWS (the kernel, then the widened-weight GEMM); in_features 100 is not a
 # multiple of 8, so the bf16 method takes the GEMM at every size.
-@pytest.mark.parametrize("rows", [1, 4, cpu.MAX_ROWS, cpu.MAX_ROWS + 1, 200])
+@pytest.mark.parametrize("rows", [1, 4, cpu.BF16_MAX_ROWS, cpu.BF16_MAX_ROWS + 1, 200])
 @pytest.mark.parametrize("shape", [(37, 256), (96, 100), (2, 768)], ids=str)
 def test_bf16_widened_matches_the_bf16_linear(rows, shape):
     out_f, in_f = shape
@@ -121,7 +121,7 @@ def test_bf16_widened_matches_the_bf16_linear(rows, shape):
     assert_kernel_matches_twin(ours, F.linear(x, weight, bias), bias)
 
 
-@pytest.mark.parametrize("rows", [1, 3, cpu.MAX_ROWS, cpu.MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, cpu.INT8_MAX_ROWS, cpu.INT8_MAX_ROWS + 1])
 def test_int8_paths_match_the_twin_on_both_sides_of_max_rows(rows):
     layer, twin, _, bias = pair(Int8(), 203, 256, torch.float32)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))

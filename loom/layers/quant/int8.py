@@ -1,6 +1,6 @@
 """int8 weight-only quantization: one symmetric scale per output channel.
 
-Where loom's CPU kernels build (`cpu.available()`), up to `cpu.MAX_ROWS` rows run loom's int8 kernel,
+Where loom's CPU kernels build (`cpu.available()`), up to `cpu.INT8_MAX_ROWS` rows run loom's int8 kernel,
 which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per call for
 a float32 `F.linear`: both faster than torch's `_weight_int8pack_mm` on the AVX2 machine we measure on
 (the table in loom/kernels/cpu.py), which runs elsewhere.
@@ -62,7 +62,7 @@ class Int8(LinearMethod):
             free_weight(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if cpu.available() and x.numel() <= cpu.MAX_ROWS * layer.in_features:
+        if cpu.available() and x.numel() <= cpu.INT8_MAX_ROWS * layer.in_features:
             out = cpu.matmul(x.contiguous(), layer.qweight, layer.scales_fp32, via_bf16=True)
             return out if layer.bias is None else out + layer.bias
         rows = as_2d(x, COMPUTE_DTYPE)

@@ -7,7 +7,7 @@ float32, so a float32 GEMM on the widened values is a bf16 GEMM with float32 acc
 bf16, as a native kernel computes it (up to summation order). Two ways to get there:
 
 - `Bf16Widened` (where loom's CPU kernels build, `cpu.available()`): the weight stays bf16; up to
-  `cpu.MAX_ROWS` rows (decode steps) loom's kernel widens it in registers, reading half the bytes of a
+  `cpu.BF16_MAX_ROWS` rows (decode steps) loom's kernel widens it in registers, reading half the bytes of a
   float32 copy; beyond (prefill chunks) the weight is widened per call for a float32 `F.linear`.
 - `Float32Compute` (no C compiler): a float32 copy of the weight, twice the bf16 memory.
 
@@ -53,7 +53,7 @@ class Bf16Widened(LinearMethod):
         layer.register_buffer("weight_bf16", layer.weight.detach(), persistent=False)
         bias = layer.bias.detach().float() if layer.bias is not None else None
         layer.register_buffer("bias_fp32", bias, persistent=False)
-        layer.gemv_rows = cpu.MAX_ROWS if layer.in_features % cpu.K_MULTIPLE == 0 else 0
+        layer.gemv_rows = cpu.BF16_MAX_ROWS if layer.in_features % cpu.K_MULTIPLE == 0 else 0
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= layer.gemv_rows * layer.in_features:
