@@ -56,11 +56,20 @@ static void attend_one(const void *q, const void *kc, const void *vc, const int6
         for (int64_t d = 0; d < D; d++) store(out, kind, g * D + d, acc[g * D + d] / total[g]);
 }
 
-/* Returns 0, or -1 if a task's buffers could not be allocated. */
+/* Returns 0; -1 if a task's buffers could not be allocated; -2 if a sequence's length or one of the
+ * block ids it reads is out of range (nothing is read then). */
 int loom_attention_decode(const void *q, const void *kc, const void *vc, const int64_t *block_table,
                           const int64_t *seq_lens, void *out, int kind, int64_t S, int64_t H, int64_t KvH,
                           int64_t D, int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale,
                           int nthreads) {
+    for (int64_t s = 0; s < S; s++) {
+        int64_t L = seq_lens[s];
+        if (L < 1 || L > max_blocks * block_size) return -2;
+        for (int64_t b = 0; b < (L + block_size - 1) / block_size; b++) {
+            int64_t id = block_table[s * max_blocks + b];
+            if (id < 0 || id >= num_blocks) return -2;
+        }
+    }
     int64_t G = H / KvH;
     size_t esize = kind == BF16 ? 2 : 4;
     int failed = 0;

@@ -244,14 +244,16 @@ def attention_decode(
     ):
         raise ValueError("attention_decode takes an int64 block_table [S, max_blocks] and seq_lens [S]")
     block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
-    if s and not (0 < int(seq_lens.min()) and int(seq_lens.max()) <= block_table.shape[1] * block_size):
-        raise ValueError("attention_decode: every sequence needs 1 .. max_blocks * block_size keys")
     out = torch.empty_like(q)
     rc = _library().loom_attention_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), _KIND[q.dtype], s, h, kvh, d, num_blocks, block_size, block_table.shape[1], scale,
         torch.get_num_threads(),
     )  # fmt: skip
+    if rc == -2:
+        raise ValueError(
+            "attention_decode: every sequence needs 1 .. max_blocks * block_size keys, in blocks of the cache"
+        )
     if rc:
         raise MemoryError("loom's attention kernel could not allocate its buffers")
     return out

@@ -107,6 +107,7 @@ class Attention(nn.Module):
         if (
             cpu.fused(q, tokens=q.shape[0])
             and cache.k.dtype == q.dtype
+            and cache.k.is_contiguous()
             and self.head_dim % cpu.K_MULTIPLE == 0
             and self.num_heads // self.num_kv_heads <= cpu.MAX_QUERIES_PER_KV
         ):

@@ -28,7 +28,12 @@ class RMSNorm(nn.Module):
 
         Decode-sized bf16 batches on CPU run loom's fused kernel (one call for the whole; this code is
         its twin)."""
-        if cpu.fused(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+        if (
+            cpu.fused(x)
+            and x.is_contiguous()
+            and self.weight.dtype == x.dtype
+            and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype))
+        ):
             return cpu.rms_norm(x, self.weight.data, self.eps, residual)
         if residual is None:
             return self._norm(x)

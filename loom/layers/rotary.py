@@ -13,6 +13,11 @@ from loom.errors import ModelLoadError
 from loom.kernels import cpu
 
 
+def _heads_contiguous(x: torch.Tensor) -> bool:
+    """Each token's [heads, head_dim] in one run of memory (tokens may be strided): what the kernel reads."""
+    return x.dtype == torch.bfloat16 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
 def _inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -72,7 +77,8 @@ class RotaryEmbedding(nn.Module):
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; positions is
         [num_tokens], or [3, num_tokens] (temporal, height, width) in M-RoPE mode."""
         cos, sin = self._cos_sin(positions, q.dtype)
-        if cpu.fused(q, tokens=q.shape[0]):  # loom's kernel, one call per tensor; _apply is its twin
+        if cpu.fused(q, tokens=q.shape[0]) and _heads_contiguous(q) and _heads_contiguous(k):
+            # loom's kernel, one call per tensor, reading q and k in place; _apply is its twin
             c, s = cos.squeeze(1), sin.squeeze(1)
             return (
                 cpu.rotary(q, c, s, self.rotary_dim, self.interleaved),

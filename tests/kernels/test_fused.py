@@ -118,6 +118,8 @@ def test_decode_attention_refuses_what_it_cannot_read():
         cpu.attention_decode(q, cache.k, cache.v, table, torch.tensor([17]), 1.0)  # more keys than blocks
     with pytest.raises(ValueError, match="1 .. max_blocks"):
         cpu.attention_decode(q, cache.k, cache.v, table, torch.tensor([0]), 1.0)
+    with pytest.raises(ValueError, match="in blocks of the cache"):
+        cpu.attention_decode(q, cache.k, cache.v, torch.tensor([[4]]), torch.tensor([3]), 1.0)  # 4 blocks
     with pytest.raises(ValueError, match="dtype"):
         cpu.attention_decode(q.float(), cache.k, cache.v, table, torch.tensor([3]), 1.0)
     with pytest.raises(ValueError, match="int64"):
