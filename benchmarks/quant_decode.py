@@ -48,22 +48,30 @@ SYSTEMS = [
 
 
 def make_271m(out: Path) -> Path:
-    """A random-weight Llama of the 271M shape with a word-level tokenizer of the same vocabulary."""
+    """A random-weight Llama of the 271M shape with a byte-level BPE tokenizer of the same vocabulary,
+    trained on the Python standard library's source (llama.cpp's GGUF converter needs BPE merges: the
+    word-level tokenizer this used before could not be served by llama.cpp)."""
     if (out / "config.json").is_file():
         return out
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import sysconfig
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loom.models.tiny import build_tokenizer
 
     tmp = out.with_name(out.name + ".tmp")
-    vocab = {f"t{i}": i for i in range(SHAPE_271M["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", unk_token="t0").save_pretrained(tmp)
+    lines = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:3000]:
+        try:
+            lines += path.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError):
+            continue
+    build_tokenizer(lines, vocab_size=SHAPE_271M["vocab_size"]).save_pretrained(tmp)
     config = LlamaConfig(
         **SHAPE_271M,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
-        eos_token_id=1,
+        eos_token_id=2,  # the tokenizer's <|im_end|>
         bos_token_id=None,
     )
     torch.manual_seed(0)
@@ -147,7 +155,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loom" / "bench"
     paths = {
-        "271m": lambda: make_271m(cache / "llama-271m-random"),
+        "271m": lambda: make_271m(cache / "llama-271m-random-bpe"),
         "88m": lambda: default_model_dir("llama", "small"),
     }
     load = os.getloadavg()
