@@ -26,6 +26,7 @@ from loom import LLM, SamplingParams
 from loom.bench.systems import load_hf
 from loom.layers.quant import weight_bytes
 from loom.models.tiny import default_model_dir
+from loom.paths import cache_dir
 
 SHAPE_271M = dict(
     hidden_size=1024,
@@ -153,7 +154,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loom" / "bench"
+    cache = cache_dir("bench")
     paths = {
         "271m": lambda: make_271m(cache / "llama-271m-random-bpe"),
         "88m": lambda: default_model_dir("llama", "small"),

@@ -29,6 +29,7 @@ from loom import LLM, SamplingParams  # noqa: E402
 from loom.engine.structured import GrammarSpec  # noqa: E402
 from loom.engine.structured.engine import StepBitmask  # noqa: E402
 from loom.models.tiny import make_tiny  # noqa: E402
+from loom.paths import cache_dir
 
 BATCH = 32
 LONG = {
@@ -131,7 +132,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "structured_engine.json"
     )
     args = parser.parse_args()
-    model = make_tiny(Path.home() / ".cache" / "loom" / f"bench-{args.size}", size=args.size)
+    model = make_tiny(cache_dir(f"bench-{args.size}"), size=args.size)
     llm = LLM(str(model), num_blocks=2048, max_num_seqs=64, num_threads=args.threads, dtype="float32")
     load_before = os.getloadavg()
     compile_times = compile_ms(llm)  # first: the warm-up below compiles LONG

@@ -8,10 +8,11 @@ of code and docstrings), which hold enough distinct words to reach 151,000 merge
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import sysconfig
 from pathlib import Path
+
+from loom.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</too
 
 
 def default_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "loom" / "bench-bpe-151k"
+    return cache_dir("bench-bpe-151k")
 
 
 def _corpus():

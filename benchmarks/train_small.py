@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import sysconfig
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from loom.models.tiny import SPECIAL_TOKENS, build_tokenizer
+from loom.paths import cache_dir
 
 # Bump when the data, tokenizer, model shape or schedule changes, so the cached model is rebuilt.
 VERSION = "2"
@@ -67,8 +67,7 @@ PHASE2_MIX = (0.3, 0.4)  # shares of rows repeating random tokens, and repeating
 
 
 def model_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "loom" / "trained" / f"stdlib-llama-v{VERSION}"
+    return cache_dir("trained", f"stdlib-llama-v{VERSION}")
 
 
 def stdlib_files() -> tuple[list[Path], list[Path]]:

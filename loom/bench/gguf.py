@@ -27,9 +27,11 @@ import sys
 import tarfile
 from pathlib import Path
 
+from loom.paths import cache_dir
+
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 CONVERTER = "convert_hf_to_gguf.py"
-CACHE = Path.home() / ".cache" / "loom" / "gguf"
+CACHE = cache_dir("gguf")
 
 # Runs the converter with one change: an unrecognized BPE pre-tokenizer becomes "default" (see above).
 _BOOTSTRAP = """

@@ -32,10 +32,11 @@ from pathlib import Path
 
 from loom.bench import gguf
 from loom.bench.peers import Peer
+from loom.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-CACHE = Path.home() / ".cache" / "loom" / "llama.cpp"
+CACHE = cache_dir("llama.cpp")
 # The version the README's llama.cpp figures were measured with; an installed llama-cpp-python wins.
 DEFAULT_VERSION = "0.3.36"
 TARGETS = ("llama-server", "llama-quantize")

@@ -303,13 +303,12 @@ class ModelRunner:
     def _decode_group(self, token_idx: list[int], tables: list[list[int]], lens: list[int]) -> DecodeGroup:
         dev, width = self.device, max(len(t) for t in tables)
         key_pos = torch.arange(width * self.block_size, device=dev)
+        seq_lens = torch.tensor(lens, dtype=torch.long)
         return DecodeGroup(
             token_idx=torch.tensor(token_idx, dtype=torch.long, device=dev),
             block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev),
-            key_mask=(key_pos < torch.tensor(lens, device=dev).unsqueeze(1))[
-                None, :, None, :
-            ],  # [1, n, 1, L]
-            seq_lens=torch.tensor(lens, dtype=torch.long),
+            key_mask=(key_pos < seq_lens.to(dev).unsqueeze(1))[None, :, None, :],  # [1, n, 1, L]
+            seq_lens=seq_lens,
         )
 
 

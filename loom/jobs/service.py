@@ -22,6 +22,7 @@ from loom.jobs.batches import BatchStore
 from loom.jobs.db import Database
 from loom.jobs.files import FileStore
 from loom.jobs.queue import SQLiteQueue, WorkQueue
+from loom.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,7 @@ INTERNAL_BASE_URL = "http://127.0.0.1"  # a loopback Host: the edge answers it o
 
 def default_state_dir(host: str, port: int) -> Path:
     """<user cache>/loom/state/<host>_<port>: one server's state, found again when it restarts."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "loom" / "state" / f"{host}_{port}"
+    return cache_dir("state", f"{host}_{port}")
 
 
 def make_queue(url: str | None, db: Database) -> WorkQueue:

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from loom.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -79,8 +81,7 @@ def _compiler() -> str | None:
 
 
 def kernel_dir() -> Path:
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache_root / "loom" / "kernels"
+    return cache_dir("kernels")
 
 
 def build(compiler: str) -> Path:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from loom.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 _RNG_LOCK = threading.Lock()
 
@@ -406,8 +408,7 @@ def default_model_dir(arch: str = "llama", size: str = "tiny") -> Path:
     `<cache>` is $XDG_CACHE_HOME or ~/.cache. Safe when several processes race to make it: each builds
     privately and the first rename wins.
     """
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    out_dir = cache / "loom" / f"tiny-{arch}-{size}"
+    out_dir = cache_dir(f"tiny-{arch}-{size}")
     marker = out_dir / _VERSION_FILE
     if marker.is_file() and marker.read_text().strip() == TINY_FORMAT_VERSION:
         return out_dir
