@@ -4,4 +4,7 @@
   first use with the machine's C compiler: bf16/int8 GEMV, paged decode attention, RMSNorm(+residual)
   and SiLU-and-mul. Every one has a plain-PyTorch twin in loom/layers that tests compare it with, and
   the layers fall back to the twin where the kernels do not build.
+- `decoder` (decoder.py + decoder.c): those kernels chained through a whole Llama-family decoder stack in
+  one call, for small bf16 decode batches (loom/models/cpu_decode.py decides which); its twin is the
+  model's modules, and its output is bit-identical to theirs.
 """

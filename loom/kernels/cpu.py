@@ -50,7 +50,7 @@ from loom.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "gemv.c", HERE / "attention.c", HERE / "elementwise.c"]
+SOURCES = [HERE / "gemv.c", HERE / "attention.c", HERE / "elementwise.c", HERE / "decoder.c"]
 HEADERS = [HERE / "common.h"]
 # -ffp-contract=off: scalar code rounds each product as the torch twins do (no silent FMA contraction).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
@@ -146,6 +146,9 @@ def _library() -> ctypes.CDLL | None:
     # x, x_stride, y, cos, sin, kind, T, heads, head_dim, rotary_dim, interleaved, nthreads
     lib.loom_rotary.argtypes = [p, i64, p, p, p, i32, i64, i64, i64, i64, i32, i32]
     lib.loom_rotary.restype = None
+    # stack, x, out, T, cos, sin, slots, block_table, max_blocks, seq_lens, nthreads -> 0, -1 or -2
+    lib.loom_decode_stack.argtypes = [p, p, p, i64, p, p, p, p, i64, p, i32]
+    lib.loom_decode_stack.restype = i32
     return lib
 
 

@@ -76,7 +76,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; positions is
         [num_tokens], or [3, num_tokens] (temporal, height, width) in M-RoPE mode."""
-        cos, sin = self._cos_sin(positions, q.dtype)
+        cos, sin = self.cos_sin(positions, q.dtype)
         if cpu.fused(q, tokens=q.shape[0]) and _heads_contiguous(q) and _heads_contiguous(k):
             # loom's kernel, one call per tensor, reading q and k in place; _apply is its twin
             c, s = cos.squeeze(1), sin.squeeze(1)
@@ -86,7 +86,8 @@ class RotaryEmbedding(nn.Module):
             )
         return self._apply(q, cos, sin), self._apply(k, cos, sin)
 
-    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [num_tokens, 1, rotary_dim / 2] of these positions, in `dtype`."""
         # Every layer of a model shares one RotaryEmbedding and gets the same positions tensor in a
         # forward: the gather and cast are done by the first layer and reused by the others.
         memo = self._memo

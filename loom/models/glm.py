@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from loom.kernels.decoder import StackLayer
 from loom.layers.attention import AttentionMetadata, KVCache
 from loom.layers.norm import RMSNorm
 from loom.models.config import ModelConfig
@@ -48,6 +49,13 @@ class Glm4DecoderLayer(GlmDecoderLayer):
         x = self.post_self_attn_layernorm(self.self_attn(positions, x, cache, meta))
         x, residual = self.post_attention_layernorm(x, residual)
         return self.post_mlp_layernorm(self.mlp(x)), residual
+
+    def stack_layer(self) -> StackLayer | None:
+        if type(self).forward is not Glm4DecoderLayer.forward:
+            return None
+        return self._stack_layer(
+            post_self_attn_norm=self.post_self_attn_layernorm, post_mlp_norm=self.post_mlp_layernorm
+        )
 
 
 class Glm4ForCausalLM(GlmForCausalLM):

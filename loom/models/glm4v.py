@@ -51,30 +51,13 @@ class Glm4vTextDecoderLayer(Glm4DecoderLayer):
     attention_cls = Glm4vTextAttention
 
 
-class Glm4vTextModel(LlamaModel):
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        caches: list[KVCache],
-        meta: AttentionMetadata,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        residual = None
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x, residual = layer(positions, x, residual, cache, meta)
-        x, _ = self.norm(x, residual)
-        return x
-
-
 class Glm4vModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vision is None or cfg.image_token_id is None or cfg.mrope_section is None:
             raise ModelLoadError("a GLM-4.1V config needs vision_config, image_token_id and an mrope_section")
         self.visual = Glm4vVisionModel(cfg.vision)
-        self.language_model = Glm4vTextModel(cfg, Glm4vTextDecoderLayer)
+        self.language_model = LlamaModel(cfg, Glm4vTextDecoderLayer)
 
 
 class Glm4vForConditionalGeneration(nn.Module):

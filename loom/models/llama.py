@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.kernels.decoder import StackLayer
 from loom.layers.activation import SiluAndMul
 from loom.layers.attention import Attention, AttentionMetadata, KVCache
 from loom.layers.linear import Linear, MergedLinear
 from loom.layers.norm import RMSNorm
 from loom.layers.rotary import RotaryEmbedding
 from loom.models.config import ModelConfig
+from loom.models.cpu_decode import NativeDecode, stack_layer
 
 
 class LlamaAttention(nn.Module):
@@ -90,6 +92,21 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def stack_layer(self) -> StackLayer | None:
+        """This layer as loom's native decoder stack runs it (loom/models/cpu_decode.py), or None where
+        the stack would not compute what forward does."""
+        if type(self).forward is not LlamaDecoderLayer.forward:
+            return None
+        return self._stack_layer()
+
+    def _stack_layer(self, **extra_norms: RMSNorm) -> StackLayer | None:
+        if (
+            type(self.self_attn).forward is not LlamaAttention.forward
+            or type(self.mlp).forward is not LlamaMLP.forward
+        ):
+            return None
+        return stack_layer(self, **extra_norms)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_cls: type[nn.Module]):
@@ -101,11 +118,27 @@ class LlamaModel(nn.Module):
         for layer in self.layers[1:]:
             layer.self_attn.rotary_emb = self.layers[0].self_attn.rotary_emb
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.native_decode = True
+        """Whether small bf16 decode batches on CPU run the layers as one native call (`NativeDecode`,
+        built on the first forward, after the loader has given the linears their methods); the modules
+        below are its twin."""
+        self._native: NativeDecode | None = None
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache], meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[KVCache],
+        meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.native_decode:
+            if self._native is None:
+                self._native = NativeDecode(self)
+            out = self._native(x, positions, caches, meta)
+            if out is not None:
+                return out
         residual = None
         for layer, cache in zip(self.layers, caches, strict=True):
             x, residual = layer(positions, x, residual, cache, meta)

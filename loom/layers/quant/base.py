@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from loom.kernels.decoder import StackLinear
     from loom.layers.linear import Linear
 
 
@@ -31,6 +32,11 @@ class LinearMethod:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def stack_linear(self, layer: Linear) -> StackLinear | None:
+        """The layer as loom's native decoder stack multiplies it (loom/kernels/decoder.py), with the most
+        rows for which that is exactly what `apply` computes; None where the stack cannot."""
+        return None
 
     def reference(self) -> LinearMethod:
         """The plain-PyTorch twin tests compare this method with (for a quantized method: dequantize the

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels import cpu
+from loom.kernels.decoder import StackLinear
 from loom.layers.quant.base import LinearMethod, as_2d, finish, free_weight
 
 if TYPE_CHECKING:
@@ -71,6 +72,12 @@ class Int8(LinearMethod):
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, layer.scales)
         return finish(out, x, layer.bias)
+
+    def stack_linear(self, layer: Linear) -> StackLinear | None:
+        # `apply` in a bf16 model: the kernel's bf16 result, plus the bf16 bias as torch adds it
+        return StackLinear(
+            layer.qweight, layer.scales_fp32, bias_after=layer.bias, max_rows=cpu.INT8_MAX_ROWS
+        )
 
     def reference(self) -> LinearMethod:
         return Int8Reference()

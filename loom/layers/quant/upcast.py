@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels import cpu
+from loom.kernels.decoder import StackLinear
 from loom.layers.quant.base import UNQUANTIZED, LinearMethod, free_weight
 
 if TYPE_CHECKING:
@@ -59,6 +60,11 @@ class Bf16Widened(LinearMethod):
         if x.numel() <= layer.gemv_rows * layer.in_features:
             return cpu.matmul(x.contiguous(), layer.weight_bf16, bias=layer.bias_fp32)
         return F.linear(x.float(), layer.weight_bf16.float(), layer.bias_fp32).to(x.dtype)
+
+    def stack_linear(self, layer: Linear) -> StackLinear | None:
+        if not layer.gemv_rows:
+            return None
+        return StackLinear(layer.weight_bf16, bias=layer.bias_fp32, max_rows=layer.gemv_rows)
 
     def reference(self) -> LinearMethod:
         return UNQUANTIZED
