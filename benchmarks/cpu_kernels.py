@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from loom.kernels import cpu
 from loom.layers.linear import Linear
-from loom.layers.quant import Bf16Widened, Int8, process_linears
+from loom.layers.quant import Bf16Widened, Int4, Int8, process_linears
 from loom.layers.quant.int4 import quantize_int4
 
 # (in_features, out_features) of one decoder layer of the 89M Llama (hidden 768, 12 heads / 4 kv heads
@@ -50,6 +50,7 @@ def build(layers: int, seed: int = 0):
 
     fp32 = [[w.float() for w in ws] for ws in weights]
     int8 = linears(Int8())
+    loom_int4 = linears(Int4(32))
     int4 = []
     for ws in weights:
         for w in ws:
@@ -69,6 +70,7 @@ def build(layers: int, seed: int = 0):
         "torch int4 g32": lambda x: [
             torch.ops.aten._weight_int4pack_mm_for_cpu(x[k], p, 32, sz) for p, sz, k in int4
         ],
+        "loom int4 g32": lambda x: [layer(x[layer.in_features]) for layer in loom_int4],
     }
 
 
@@ -88,8 +90,11 @@ def main() -> None:
     print(
         f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}; ms per pass over {args.layers} layers"
     )
-    print("| rows | " + " | ".join(systems) + " | loom bf16 / float32 | loom int8 / torch int8 |")
-    print("|---:|" + "---:|" * (len(systems) + 2))
+    print(
+        "| rows | " + " | ".join(systems)
+        + " | loom bf16 / float32 | loom int8 / torch int8 | loom int4 / torch int4 |"
+    )  # fmt: skip
+    print("|---:|" + "---:|" * (len(systems) + 3))
     for rows in args.rows:
         x = {k: torch.randn(rows, k).bfloat16() for k, _ in LAYER}
         times = {name: [] for name in systems}
@@ -105,7 +110,8 @@ def main() -> None:
         cells = " | ".join(f"{v:.1f}" for v in med.values())
         bf = med["float32 F.linear"] / med["loom bf16"]
         i8 = med["torch int8"] / med["loom int8"]
-        print(f"| {rows} | {cells} | {bf:.2f}x | {i8:.2f}x |", flush=True)
+        i4 = med["torch int4 g32"] / med["loom int4 g32"]
+        print(f"| {rows} | {cells} | {bf:.2f}x | {i8:.2f}x | {i4:.2f}x |", flush=True)
     if args.json:
         args.json.write_text(
             json.dumps({"threads": args.threads, "layers": args.layers, "results": results}, indent=1)

@@ -27,7 +27,7 @@ static inline float widen_bf16(uint16_t v) {
 }
 
 /* x as float32 rows: x itself, or a widened / rounded copy in `buf` */
-static const float *rows_f32(const void *x, int x_kind, int64_t n, float *buf) {
+static inline const float *rows_f32(const void *x, int x_kind, int64_t n, float *buf) {
     if (x_kind == F32) return (const float *)x;
     for (int64_t i = 0; i < n; i++)
         buf[i] = x_kind == BF16 ? widen_bf16(((const uint16_t *)x)[i])

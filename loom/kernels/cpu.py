@@ -62,6 +62,9 @@ K_MULTIPLE = 8
 MAX_ROWS = 64
 BF16_MAX_ROWS = 32
 INT8_MAX_ROWS = 128
+INT4_MAX_ROWS = 64
+# The int4 kernel's unit: 32 input channels in 16 bytes (a group is a whole number of them).
+INT4_BLOCK = 32
 # Query heads per kv head the attention kernel handles (MAX_G in attention.c).
 MAX_QUERIES_PER_KV = 16
 
@@ -132,6 +135,12 @@ def _library() -> ctypes.CDLL | None:
         # x, x_kind, w, scale, bias, y, y_kind, M, N, K, nthreads -> 0 or -1 (out of memory)
         getattr(lib, name).argtypes = [p, i32, p, p, p, p, i32, i64, i64, i64, i32]
         getattr(lib, name).restype = i32
+    # x, x_kind, w, scale, zero, group_size, bias, y, y_kind, M, N, K, nthreads -> 0 or -1
+    lib.loom_gemv_int4.argtypes = [p, i32, p, p, p, i64, p, p, i32, i64, i64, i64, i32]
+    lib.loom_gemv_int4.restype = i32
+    # w, scale, zero, group_size, out, N, K, nthreads
+    lib.loom_dequantize_int4.argtypes = [p, p, p, i64, p, i64, i64, i32]
+    lib.loom_dequantize_int4.restype = None
     f32 = ctypes.c_float
     # q, k_cache, v_cache, block_table, seq_lens, out, kind, S, H, KvH, D, num_blocks, block_size,
     # max_blocks, scale, nthreads -> 0 or -1
@@ -213,6 +222,75 @@ def matmul(
     if rc:
         raise MemoryError("loom's GEMV kernel could not allocate its input buffer")
     return out
+
+
+def matmul_int4(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., K] times the int4 weight w [N, K / 2] (loom's packing, `pack_int4`) with bf16 scales and
+    zeros [N, K / group_size], plus `bias` [N]: [..., N] in x's dtype (float32 or bf16). x is quantized
+    to int8 per 32 values first (scale max|x| / 127, round half to even), as llama.cpp's q8_0: the
+    result is the exact product of the two dequantized operands, up to float32 summation order."""
+    n, k = w.shape[0], 2 * w.shape[1]
+    if x.dtype not in _KIND or not x.is_contiguous() or x.shape[-1] != k:
+        raise ValueError(
+            f"the kernels take a contiguous float32 or bf16 x [..., {k}], got {x.dtype} {tuple(x.shape)}"
+        )
+    if w.dtype != torch.uint8 or not w.is_contiguous() or group_size % INT4_BLOCK or k % group_size:
+        raise ValueError(
+            f"the int4 kernel takes a contiguous uint8 weight [N, K / 2] and a group size that is a "
+            f"multiple of {INT4_BLOCK} and divides K"
+        )
+    for name, v in (("scales", scales), ("zeros", zeros)):
+        if v.dtype != torch.bfloat16 or v.shape != (n, k // group_size) or not v.is_contiguous():
+            raise ValueError(f"the int4 kernel takes contiguous bf16 {name} [{n}, {k // group_size}]")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"the kernels take a contiguous float32 bias [{n}]")
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    kind = _KIND[x.dtype]
+    rc = _library().loom_gemv_int4(
+        x.data_ptr(), kind, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, _ptr(bias),
+        out.data_ptr(), kind, x.numel() // k, n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise MemoryError("loom's int4 kernel could not allocate its input buffer")
+    return out
+
+
+def dequantize_int4(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The packed int4 weight w [N, K / 2] (`pack_int4`) with bf16 scales and zeros [N, K / group_size] as
+    float32 [N, K]: (q - 8) * scale + zero, bit-identical to loom.layers.quant.int4.dequantize_int4."""
+    n, k = w.shape[0], 2 * w.shape[1]
+    if w.dtype != torch.uint8 or not w.is_contiguous() or group_size % INT4_BLOCK or k % group_size:
+        raise ValueError("dequantize_int4 takes a contiguous uint8 weight and a group size dividing K")
+    for v in (scales, zeros):
+        if v.dtype != torch.bfloat16 or v.shape != (n, k // group_size) or not v.is_contiguous():
+            raise ValueError(
+                f"dequantize_int4 takes contiguous bf16 scales and zeros [{n}, {k // group_size}]"
+            )
+    out = torch.empty(n, k)
+    _library().loom_dequantize_int4(
+        w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, out.data_ptr(), n, k,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] in 0..15 (K % 32 == 0) in loom's int4 layout, [N, K / 2]: each 32 values of a row
+    in 16 bytes, byte j holding value j in its low nibble and value j + 16 in its high one."""
+    n, k = q.shape
+    if k % INT4_BLOCK:
+        raise ValueError(f"pack_int4 takes rows of a multiple of {INT4_BLOCK} values")
+    blocks = q.reshape(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)  # [N, K / 32, (low, high), 16]
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -23,6 +23,9 @@ int loom_gemv_bf16(const void *x, int x_kind, const uint16_t *w, const float *sc
                    void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads);
 int loom_gemv_int8(const void *x, int x_kind, const int8_t *w, const float *scale, const float *bias,
                    void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads);
+int loom_gemv_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
+                   int64_t G, const float *bias, void *y, int y_kind, int64_t M, int64_t N, int64_t K,
+                   int nthreads);
 int loom_attention_decode(const void *q, const void *kc, const void *vc, const int64_t *block_table,
                           const int64_t *seq_lens, void *out, int kind, int64_t S, int64_t H, int64_t KvH,
                           int64_t D, int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale,
@@ -35,15 +38,17 @@ void loom_rotary(const void *x, int64_t x_stride, void *y, const void *cos, cons
                  int nthreads);
 
 /* One linear, as its LinearMethod runs it (loom/layers/quant): bf16 weights (Bf16Widened) add a float32
- * bias before rounding; int8 weights (Int8) scale per output channel, round, then add a bf16 bias as
+ * bias before rounding; int8 (Int8) and int4 (Int4) weights round their product, then add a bf16 bias as
  * torch adds two bf16 tensors (in float32, rounded once). Layouts match loom/kernels/decoder.py. */
+enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };
 typedef struct {
-    const void *weight;         /* [N, K] bf16 or int8 */
-    const float *scale;         /* [N] (int8) or NULL */
+    const void *weight;         /* [N, K] bf16 or int8, or [N, K / 2] packed int4 */
+    const void *scale;          /* int8: [N] float32; int4: [N, K / group_size] bf16; bf16: NULL */
+    const uint16_t *zero;       /* int4: [N, K / group_size] bf16, else NULL */
     const float *bias;          /* [N] float32, added before rounding, or NULL */
     const uint16_t *bias_after; /* [N] bf16, added after rounding, or NULL */
-    int64_t out_features;
-    int32_t int8;
+    int64_t out_features, group_size;
+    int32_t kind;
 } loom_linear;
 
 typedef struct {
@@ -64,8 +69,10 @@ typedef struct {
 
 static int linear(const loom_linear *l, const uint16_t *x, uint16_t *y, int64_t T, int64_t K, int nt) {
     int64_t N = l->out_features;
-    int rc = l->int8 ? loom_gemv_int8(x, BF16, l->weight, l->scale, l->bias, y, BF16, T, N, K, nt)
-                     : loom_gemv_bf16(x, BF16, l->weight, l->scale, l->bias, y, BF16, T, N, K, nt);
+    int rc = l->kind == W_INT8   ? loom_gemv_int8(x, BF16, l->weight, l->scale, l->bias, y, BF16, T, N, K, nt)
+             : l->kind == W_INT4 ? loom_gemv_int4(x, BF16, l->weight, l->scale, l->zero, l->group_size, l->bias,
+                                                  y, BF16, T, N, K, nt)
+                                 : loom_gemv_bf16(x, BF16, l->weight, l->scale, l->bias, y, BF16, T, N, K, nt);
     if (rc || !l->bias_after) return rc;
     for (int64_t t = 0; t < T; t++)
         for (int64_t n = 0; n < N; n++)

@@ -17,14 +17,20 @@ from loom.kernels import cpu
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
+# loom_linear's weight kinds
+_BF16, _INT8, _INT4 = 0, 1, 2
+
+
 class _Linear(ctypes.Structure):
     _fields_ = [
         ("weight", _p),
         ("scale", _p),
+        ("zero", _p),
         ("bias", _p),
         ("bias_after", _p),
         ("out_features", _i64),
-        ("int8", _i32),
+        ("group_size", _i64),
+        ("kind", _i32),
     ]
 
 
@@ -65,13 +71,16 @@ class _Stack(ctypes.Structure):
 @dataclass(slots=True)
 class StackLinear:
     """One linear as its LinearMethod holds it: a bf16 weight with an optional float32 `bias` added before
-    rounding (Bf16Widened), or an int8 weight with float32 `scales` and an optional bf16 `bias_after`
-    added after rounding (Int8)."""
+    rounding (Bf16Widened); an int8 weight with float32 `scales` [N] (Int8), or a packed int4 one
+    (`cpu.pack_int4`) with bf16 `scales` and `zeros` [N, K / group_size] (Int4), each with an optional
+    bf16 `bias_after` added after rounding."""
 
     weight: torch.Tensor
     scales: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     bias_after: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
     max_rows: int = cpu.MAX_ROWS
     """The most rows the method sends to this kernel (beyond, it multiplies another way)."""
 
@@ -104,20 +113,35 @@ class StackShape:
 
 def _linear(lin: StackLinear, n: int, k: int) -> _Linear:
     w = lin.weight
-    if w.dtype not in (torch.bfloat16, torch.int8) or w.shape != (n, k) or not w.is_contiguous():
-        raise ValueError(f"a stack linear takes a contiguous bf16 or int8 weight [{n}, {k}]")
-    int8 = w.dtype == torch.int8
-    if int8 != (lin.scales is not None):
-        raise ValueError("int8 weights, and only they, come with scales")
-    for name, t, dtype in (
-        ("scales", lin.scales, torch.float32),
-        ("bias", lin.bias, torch.float32),
-        ("bias_after", lin.bias_after, torch.bfloat16),
+    kind = {torch.bfloat16: _BF16, torch.int8: _INT8, torch.uint8: _INT4}.get(w.dtype)
+    packed_k = k // 2 if kind == _INT4 else k
+    if kind is None or w.shape != (n, packed_k) or not w.is_contiguous():
+        raise ValueError(
+            f"a stack linear takes a contiguous bf16 or int8 weight [{n}, {k}], or int4 [{n}, {k // 2}]"
+        )
+    if (kind == _BF16) != (lin.scales is None) or (kind == _INT4) != (lin.zeros is not None):
+        raise ValueError("int8 and int4 weights, and only they, come with scales; int4 ones with zeros too")
+    groups = 1
+    if kind == _INT4:
+        if lin.group_size <= 0 or lin.group_size % cpu.INT4_BLOCK or k % lin.group_size:
+            raise ValueError(
+                f"an int4 stack linear's group size is a multiple of {cpu.INT4_BLOCK} dividing {k}"
+            )
+        groups = k // lin.group_size
+    scale_shape, scale_dtype = ((n, groups), torch.bfloat16) if kind == _INT4 else ((n,), torch.float32)
+    for name, t, dtype, shape in (
+        ("scales", lin.scales, scale_dtype, scale_shape),
+        ("zeros", lin.zeros, scale_dtype, scale_shape),
+        ("bias", lin.bias, torch.float32, (n,)),
+        ("bias_after", lin.bias_after, torch.bfloat16, (n,)),
     ):
-        if t is not None and (t.dtype != dtype or t.shape != (n,) or not t.is_contiguous()):
-            raise ValueError(f"a stack linear's {name} is a contiguous {dtype} [{n}]")
+        if t is not None and (t.dtype != dtype or t.shape != shape or not t.is_contiguous()):
+            raise ValueError(f"a stack linear's {name} is a contiguous {dtype} {list(shape)}")
     ptr = cpu._ptr
-    return _Linear(w.data_ptr(), ptr(lin.scales), ptr(lin.bias), ptr(lin.bias_after), n, int(int8))
+    return _Linear(
+        w.data_ptr(), ptr(lin.scales), ptr(lin.zeros), ptr(lin.bias), ptr(lin.bias_after), n,
+        lin.group_size, kind,
+    )  # fmt: skip
 
 
 class DecoderStack:

@@ -1,7 +1,7 @@
 """The native decoder stack (loom/kernels/decoder.c via loom/models/cpu_decode.py) against its twin, the
-model's modules: for every Llama-family architecture, bf16 and int8 weights, its hidden states and the
-K/V it writes must be bit-identical to the modules' (it runs the same kernels on the same values), and
-every batch it must not take (prefill, too many rows, float32, int4) goes to the modules."""
+model's modules: for every Llama-family architecture, bf16, int8 and int4 weights, its hidden states and
+the K/V it writes must be bit-identical to the modules' (it runs the same kernels on the same values),
+and every batch it must not take (prefill, too many rows, float32 models) goes to the modules."""
 
 from __future__ import annotations
 
@@ -87,15 +87,19 @@ def models(tiny_model_dir):
     made = {}
 
     def get(arch: str, quantization: str | None = None, dtype=torch.bfloat16):
+        """quantization: None, "int8" or "int4-g<group size>"."""
         key = (arch, quantization, dtype)
         if key not in made:
-            made[key] = load_model(tiny_model_dir(arch), dtype, torch.device("cpu"), quantization).eval()
+            scheme, _, group = (quantization or "").partition("-g")
+            made[key] = load_model(
+                tiny_model_dir(arch), dtype, torch.device("cpu"), scheme or None, int(group or 128)
+            ).eval()
         return made[key]
 
     return get
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4-g32", "int4-g64"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
     "lens, groups",
@@ -138,7 +142,7 @@ def test_batches_the_stack_must_not_take_go_to_the_modules(models):
 
 
 @pytest.mark.parametrize(
-    "quantization, dtype", [(None, torch.float32), ("int4", torch.bfloat16), ("int8", torch.float32)]
+    "quantization, dtype", [(None, torch.float32), ("int8", torch.float32), ("int4-g32", torch.float32)]
 )
 def test_models_the_stack_cannot_run_keep_the_modules(quantization, dtype, models):
     model = models("llama", quantization, dtype)

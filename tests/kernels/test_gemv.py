@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels import cpu
-from loom.layers.quant import Bf16Widened, Int8, linear_method
+from loom.layers.quant import Bf16Widened, Int4, Int8, linear_method
+from loom.layers.quant.int4 import dequantize_int4, quantize_activations, quantize_int4
 from loom.layers.quant.int8 import dequantize_int8, quantize_int8
 from tests.layers.quant.test_quant_methods import assert_kernel_matches_twin, pair
 
@@ -128,15 +129,84 @@ def test_int8_paths_match_the_twin_on_both_sides_of_max_rows(rows):
     assert_kernel_matches_twin(layer(x), twin(x), bias)
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """cpu.pack_int4's layout read back: each 16 bytes hold 32 values, low nibbles first."""
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // 16, 1, 16)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, 2 * half)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_packing_and_dequantizing_are_exact(group_size):
+    gen = torch.Generator().manual_seed(group_size)
+    q, scale, zero = quantize_int4(torch.randn(37, 256, generator=gen), group_size)
+    packed = cpu.pack_int4(q)
+    assert packed.shape == (37, 128) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    # the large-batch path's dequantization is the twin's, bit for bit
+    assert torch.equal(cpu.dequantize_int4(packed, scale, zero, group_size), dequantize_int4(q, scale, zero))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+@pytest.mark.parametrize("shape, group_size", [((37, 256), 32), ((1000, 128), 64), ((5, 768), 128)], ids=str)
+def test_int4_kernel_is_the_product_of_the_dequantized_operands(rows, shape, group_size):
+    """The input quantized to int8 per 32 values (quantize_activations), times the dequantized weight:
+    integer dots are exact, so only float32 sums of the per-block and per-group terms differ from float64."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(rows + n)
+    q, scale, zero = quantize_int4(torch.randn(n, k, generator=gen), group_size)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    x[0, 32:64] = 0  # a block of zeros: scale 0, nothing divided by it
+    w = dequantize_int4(q, scale, zero)
+    xq = quantize_activations(x)
+    ours = cpu.matmul_int4(x.float(), cpu.pack_int4(q), scale, zero, group_size)
+    exact = xq.double() @ w.double().t()
+    bound = (xq.double().abs() @ w.double().abs().t()) * 2**-18 + 1e-30
+    assert ((ours.double() - exact).abs() <= bound).all()
+    # quantizing the input moves the product by about 0.5% of its norm (the step is 1/127 of a block's max)
+    unquantized = x.double() @ w.double().t()
+    assert ((ours.double() - unquantized).norm() / unquantized.norm()).item() < 0.02
+    # bf16 in: the same, rounded once
+    assert torch.equal(cpu.matmul_int4(x, cpu.pack_int4(q), scale, zero, group_size), ours.bfloat16())
+
+
+def test_int4_kernel_gives_the_same_bits_with_any_thread_count_and_refuses_bad_input():
+    gen = torch.Generator().manual_seed(0)
+    q, scale, zero = quantize_int4(torch.randn(203, 256, generator=gen), 64)
+    packed, x = cpu.pack_int4(q), torch.randn(3, 256, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(cpu.matmul_int4(x, packed, scale, zero, 64))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(ValueError, match="group size"):
+        cpu.matmul_int4(x, packed, scale, zero, 48)
+    with pytest.raises(ValueError, match="bf16 scales"):
+        cpu.matmul_int4(x, packed, scale.float(), zero, 64)
+    with pytest.raises(ValueError, match="float32 or bf16 x"):
+        cpu.matmul_int4(x[:, :128], packed, scale, zero, 64)
+
+
+@pytest.mark.parametrize("rows", [1, 3, cpu.INT4_MAX_ROWS, cpu.INT4_MAX_ROWS + 1])
+def test_int4_paths_match_the_twin_on_both_sides_of_max_rows(rows):
+    layer, twin, _, bias = pair(Int4(32), 203, 256, torch.bfloat16)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    assert_kernel_matches_twin(layer(x), twin(x), bias)
+
+
 def test_without_the_kernels_bf16_falls_back_to_a_float32_copy():
     """LOOM_CPU_KERNELS=0 (as when no compiler is found): a fresh process picks Float32Compute for bf16
-    on this CPU and torch's int8 kernel, and both still compute the product."""
+    on this CPU and torch's int8 and int4 kernels, and all still compute the product."""
     code = (
         "import torch\n"
         "from loom.kernels import cpu\n"
         "from loom.layers.quant import linear_method\n"
         "from loom.layers.linear import Linear\n"
-        "from loom.layers.quant import process_linears, Int8\n"
+        "from loom.layers.quant import process_linears, Int4, Int8\n"
         "assert not cpu.available()\n"
         "m = linear_method(None, 128, torch.bfloat16, torch.device('cpu'))\n"
         "print(m.name)\n"
@@ -146,17 +216,24 @@ def test_without_the_kernels_bf16_falls_back_to_a_float32_copy():
         "process_linears(layer, Int8())\n"
         "x = torch.randn(3, 64)\n"
         "print(float((layer(x) - x @ w.t()).norm() / (x @ w.t()).norm()))\n"
+        "layer4, twin = Linear(64, 8), Linear(64, 8)\n"
+        "layer4.weight.data.copy_(w); twin.weight.data.copy_(w)\n"
+        "process_linears(layer4, Int4(32)); process_linears(twin, Int4(32).reference())\n"
+        "assert layer4.scales_zeros.dtype == torch.bfloat16\n"  # torch's packing
+        "print(float((layer4(x) - twin(x)).norm() / twin(x).norm()))\n"
     )
     env = {**os.environ, "LOOM_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    name, err = out.stdout.split()
+    name, err, int4_vs_twin = out.stdout.split()
     assert name == (
         "onednn-bf16"
         if linear_method(None, 128, torch.bfloat16, torch.device("cpu")).name == "onednn-bf16"
         else "bf16-in-fp32"
     )
     assert float(err) < 0.02
+    # torch's int4 kernel takes unquantized activations, and so does the twin there
+    assert float(int4_vs_twin) < 0.01
 
 
 def test_a_failed_build_is_an_error_naming_the_compiler(tmp_path, monkeypatch):

@@ -1,14 +1,22 @@
 """int4 weight-only quantization: groups of `group_size` input channels share a scale and a zero point
-(asymmetric), multiplied by torch's CPU kernels `_convert_weight_to_int4pack_for_cpu` (packs the weight
-once, at load) and `_weight_int4pack_mm_for_cpu`.
+(asymmetric). A 4-bit value q in 0..15 stands for (q - 8) * scale + zero; scales and zeros are bf16.
 
-The kernel's convention: a 4-bit value q in 0..15 stands for (q - 8) * scale + zero, with scale and zero
-stored per (group, output channel) as one [in / group, out, 2] tensor in the activations' dtype. As with
-int8, activations enter in bfloat16 whatever the model's dtype (its float32 path is several times slower
-on AVX2; see benchmarks/quant_kernels.py), the kernel accumulates in float32 and returns bfloat16.
+Where loom's CPU kernels build (`cpu.available()`), the weight is packed in loom's layout (`cpu.pack_int4`:
+32 values in 16 bytes) and multiplied by loom's int4 kernel (loom/kernels/gemv.c) up to
+`cpu.INT4_MAX_ROWS` rows; larger batches dequantize it per call for a float32 `F.linear`. Widening 4-bit
+weights to float32 costs more instructions than streaming them takes, so loom's path quantizes the
+activations too, to int8 per 32 values (`quantize_activations`, as llama.cpp's q4_0 x q8_0 dot does), and
+multiplies with integer dot products; the large-batch path quantizes them the same way, so every batch
+size computes one thing. That adds an error of about 0.5% of a product's norm to int4's own (~10%).
 
-The packed layout is the kernel's own and differs between CPU instruction sets, so the reference twin
-keeps the unpacked values instead of unpacking the kernel's (it costs memory; it is for tests).
+Elsewhere torch's CPU kernels run, on unquantized bf16 activations: `_convert_weight_to_int4pack_for_cpu`
+packs the weight once, at load, in torch's own layout (which differs between CPU instruction sets), with
+scale and zero as one [in / group, out, 2] tensor, and `_weight_int4pack_mm_for_cpu` multiplies.
+
+Activations enter in bfloat16 whatever the model's dtype (torch's kernel's float32 path is several times
+slower on AVX2; see benchmarks/quant_kernels.py); every path accumulates in float32 and returns bfloat16.
+The reference twin keeps the unpacked values and dequantizes them for F.linear (it costs memory; it is
+for tests).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from loom.kernels import cpu
+from loom.kernels.decoder import StackLinear
 from loom.layers.quant.base import LinearMethod, as_2d, finish, free_weight
 
 if TYPE_CHECKING:
@@ -52,6 +62,16 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q.to(torch.uint8).reshape(out_features, in_features), scale, zero
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, K] as loom's int4 kernel multiplies it: each 32 values quantized to int8 with the scale
+    max|x| / 127 (round half to even) and dequantized again, in float32."""
+    rows, k = x.shape
+    blocks = x.float().reshape(rows, k // cpu.INT4_BLOCK, cpu.INT4_BLOCK)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, 0)
+    return (torch.round(blocks * inv) * d).reshape(rows, k)
+
+
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     out_features, in_features = q.shape
     groups = scale.shape[1]
@@ -67,6 +87,18 @@ class Int4(LinearMethod):
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
         q, scale, zero = quantize_int4(layer.weight, self.group_size)
+        layer.loom_kernel = cpu.available()
+        if layer.loom_kernel:
+            layer.register_buffer("qweight", cpu.pack_int4(q), persistent=False)  # [out, in / 2] uint8
+            layer.register_buffer("scales", scale.contiguous(), persistent=False)  # [out, in / group] bf16
+            layer.register_buffer("zeros", zero.contiguous(), persistent=False)
+        else:
+            self._torch_pack(layer, q, scale, zero)
+        if not keep_weight:
+            free_weight(layer)
+
+    @staticmethod
+    def _torch_pack(layer: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         pad = -q.shape[0] % N_MULTIPLE
         if pad:
             q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
@@ -80,16 +112,33 @@ class Int4(LinearMethod):
         layer.register_buffer(
             "scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous(), persistent=False
         )
-        if not keep_weight:
-            free_weight(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            as_2d(x, COMPUTE_DTYPE), layer.qweight, self.group_size, layer.scales_zeros
-        )
-        if out.shape[-1] != layer.out_features:
-            out = out[:, : layer.out_features]
+        rows = as_2d(x, COMPUTE_DTYPE)
+        if not layer.loom_kernel:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, layer.qweight, self.group_size, layer.scales_zeros
+            )
+            if out.shape[-1] != layer.out_features:
+                out = out[:, : layer.out_features]
+        elif rows.shape[0] <= cpu.INT4_MAX_ROWS:
+            out = cpu.matmul_int4(rows, layer.qweight, layer.scales, layer.zeros, self.group_size)
+        else:
+            w = cpu.dequantize_int4(layer.qweight, layer.scales, layer.zeros, self.group_size)
+            out = F.linear(quantize_activations(rows), w).to(COMPUTE_DTYPE)
         return finish(out, x, layer.bias)
+
+    def stack_linear(self, layer: Linear) -> StackLinear | None:
+        if not layer.loom_kernel:
+            return None
+        return StackLinear(
+            layer.qweight,
+            layer.scales,
+            bias_after=layer.bias,
+            zeros=layer.zeros,
+            group_size=self.group_size,
+            max_rows=cpu.INT4_MAX_ROWS,
+        )
 
     def reference(self) -> LinearMethod:
         return Int4Reference(self.group_size)
@@ -97,9 +146,13 @@ class Int4(LinearMethod):
 
 class Int4Reference(Int4):
     """The same quantized values, unpacked: dequantize, F.linear in float32 on the bfloat16-rounded
-    input, round the result to bfloat16 (the kernel's arithmetic, in plain PyTorch)."""
+    input (quantized to int8 per 32 values where loom's kernels run, as they do), round the result to
+    bfloat16: the arithmetic of whichever path `Int4` takes here, in plain PyTorch."""
 
     name = "int4-reference"
+
+    def stack_linear(self, layer: Linear) -> StackLinear | None:
+        return None
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
         q, scale, zero = quantize_int4(layer.weight, self.group_size)
@@ -111,7 +164,13 @@ class Int4Reference(Int4):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_int4(layer.qvalues, layer.scales, layer.zeros)
-        out = F.linear(as_2d(x, COMPUTE_DTYPE).float(), w).to(COMPUTE_DTYPE)
+        rows = as_2d(x, COMPUTE_DTYPE).float()
+        if cpu.available():
+            # Int4 runs loom's kernel here, which quantizes the activations and sums most products
+            # exactly (integer dots): float64 keeps the twin's own rounding out of the comparison
+            rows = quantize_activations(rows).double()
+            w = w.double()
+        out = F.linear(rows, w).to(COMPUTE_DTYPE)
         return finish(out, x, layer.bias)
 
     def reference(self) -> LinearMethod:

@@ -3,8 +3,9 @@
 
 Twin parity: both models hold the same quantized weights and round the same bfloat16 inputs and outputs;
 only float32 summation order differs, which flips a bfloat16 rounding in a few outputs in ten thousand.
-Through four random-weight layers that grows to at most ~0.035 in a log-probability (measured), so:
-prompt log-probabilities agree within TWIN_LOGPROB_ATOL, and greedy tokens are identical except that a
+Through four random-weight layers that grows to at most ~0.035 in a log-probability (measured; more for
+int4, whose activations are quantized too), so: prompt log-probabilities agree within TWIN_LOGPROB_ATOL,
+and greedy tokens are identical except that a
 divergence is accepted at a step where the twin's own top-2 log-probabilities are within NEAR_TIE (the
 rest of that sequence is then not compared).
 
@@ -26,6 +27,7 @@ import torch
 from loom import LLM, EngineConfig, SamplingParams
 from loom.config import add_config_args, config_from_args
 from loom.errors import InvalidRequest
+from loom.kernels import cpu
 from loom.layers.linear import Linear
 from loom.layers.quant import weight_bytes
 from loom.models.loader import load_model
@@ -33,7 +35,10 @@ from loom.models.loader import load_model
 ARCHS = ["llama", "qwen2"]  # llama: tied embeddings; qwen2: q/k/v biases
 CASES = [("int8", 128), ("int4", 32), ("int4", 128)]
 NEAR_TIE = 0.1
-TWIN_LOGPROB_ATOL = 0.1
+# int4 quantizes its activations to int8 per 32 values (loom's kernel, and its twin with it): a last-bit
+# difference upstream between kernel and twin can move an activation across a quantization step, which
+# a random-weight model amplifies layer by layer (measured: at most 0.115 on the tiny llama, int4 g128).
+TWIN_LOGPROB_ATOL = {"int8": 0.1, "int4": 0.25}
 # Mean |logprob - float logprob| over the prompt tokens; measured on tiny llama: int8 0.05-0.09,
 # int4 g32 0.15-0.77, int4 g128 0.32-0.98.
 FLOAT_LOGPROB_MEAN_ERROR = {"int8": 0.15, "int4": 1.5}
@@ -98,7 +103,7 @@ def test_quantized_engine_matches_twin_and_stays_near_float(arch_runs, case):
     quantization, _ = case
     llm, (outs, lp), (twin_outs, twin_lp) = runs[case]
 
-    assert (lp - twin_lp).abs().max().item() < TWIN_LOGPROB_ATOL
+    assert (lp - twin_lp).abs().max().item() < TWIN_LOGPROB_ATOL[quantization]
     for k, (ours, twin) in enumerate(zip(outs, twin_outs, strict=True)):
         a, b = ours.outputs[0], twin.outputs[0]
         assert len(a.token_ids) == MAX_TOKENS
@@ -136,7 +141,12 @@ def test_bfloat16_model_quantizes_too(tiny_llama_dir):
     )
     assert len(out[0].outputs[0].token_ids) == 4
     layer = llm.engine.runner.model.model.layers[0].mlp.down_proj
-    assert layer.method.name == "int4" and layer.scales_zeros.dtype == torch.bfloat16
+    assert layer.method.name == "int4"
+    if cpu.available():  # loom's packing
+        assert layer.qweight.shape == (layer.out_features, layer.in_features // 2)
+        assert layer.scales.dtype == torch.bfloat16
+    else:  # torch's
+        assert layer.scales_zeros.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
