@@ -1,28 +1,31 @@
-"""loom's own CPU kernels (gemv.c, attention.c, elementwise.c): how they are built and loaded, and the
-Python side of each (argument checks, output allocation, one ctypes call).
+"""loom's own CPU kernels (gemv.c, attention.c, elementwise.c, decoder.c): how they are built and loaded,
+and the Python side of each (argument checks, output allocation, one ctypes call).
 
-The GEMV kernels multiply bf16 or int8 weights by a few rows. A decode step with a few sequences
+The GEMV kernels multiply bf16, int8 or int4 weights by a few rows. A decode step with a few sequences
 streams every weight from memory once, so its speed is the weights' bytes over the memory bandwidth, if
 the kernel reads them as stored. On a CPU without native bf16 (AVX2) torch has no such kernel: a bf16
 weight runs fastest as a float32 copy (twice the bytes), and `_weight_int8pack_mm` is compute-bound.
-gemv.c widens the stored weights in registers and prefetches the next block of output channels.
+gemv.c widens the stored weights in registers and prefetches the next block of output channels; the
+int4 kernel quantizes the input to int8 and multiplies in integers (gemv.c says why).
 `python benchmarks/cpu_kernels.py --threads 1` on the 2-vCPU AVX2 VM: the 12 layers of the 89M Llama,
 weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; loom's
-columns are the linear methods, so past their row limits they show the float32 GEMM they switch to):
+columns are the linear methods, so past their row limits they show the float32 GEMM they switch to;
+the box was ~40% slower than usual during this run, the float32 column says by how much):
 
-| rows | float32 copy, F.linear | loom bf16 | torch int8 | loom int8 |
-|---:|---:|---:|---:|---:|
-| 1 | 32.2 | 17.2 | 20.1 | 11.1 |
-| 16 | 118.7 | 77.9 | 93.1 | 73.2 |
-| 32 | 169.3 | 169.8 | 196.9 | 161.2 |
-| 64 | 266.8 | 315.2 | 397.2 | 310.9 |
-| 128 | 430.8 | 485.3 | 747.9 | 574.0 |
+| rows | float32 copy, F.linear | loom bf16 | torch int8 | loom int8 | torch int4 g32 | loom int4 g32 |
+|---:|---:|---:|---:|---:|---:|---:|
+| 1 | 50.1 | 28.3 | 35.6 | 15.9 | 18.8 | 15.6 |
+| 16 | 180.0 | 106.8 | 130.3 | 99.7 | 127.6 | 128.6 |
+| 32 | 214.5 | 190.9 | 220.7 | 177.7 | 222.5 | 232.0 |
+| 64 | 305.0 | 367.6 | 415.6 | 349.7 | 452.5 | 368.6 |
+| 128 | 415.5 | 455.7 | 656.0 | 505.8 | 690.9 | 490.8 |
 
-Past `BF16_MAX_ROWS` (bf16) and `INT8_MAX_ROWS` rows the weights are reused enough that a float32
-GEMM on the weight widened or dequantized per call (10-15% dearer than a kept float32 copy, without its
-memory) beats the GEMV kernel (at 64 rows the bf16 kernel took 350 ms to the float32 copy's 314); the
-methods switch there. The fused ops (decode attention, RMSNorm, SiLU-and-mul, rotary) take batches
-of up to `MAX_ROWS` tokens (`fused`).
+Past `BF16_MAX_ROWS`, `INT8_MAX_ROWS` and `INT4_MAX_ROWS` rows the weights are reused enough that a
+float32 GEMM on the weight widened or dequantized per call (in C: torch's two ops for int8 cost more
+than the GEMM's margin) beats the GEMV kernel; the methods switch there (measured kernel against
+dequantized GEMM, ms per pass: int8 360 / 428 at 64 rows, 494 / 422 at 96; int4 221 / 244 at 32 rows,
+261 / 249 at 48). The fused ops (decode attention, RMSNorm, SiLU-and-mul, rotary) take batches of up
+to `MAX_ROWS` tokens (`fused`).
 
 The C files are compiled together on first use with the machine's C compiler (`$CC`, else `cc`) and
 `-march=native`, into ~/.cache/loom/kernels/ keyed by the sources, the flags, the compiler and the CPU's
@@ -56,13 +59,12 @@ HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
 # The kernels read 8 input channels at a time.
 K_MULTIPLE = 8
-# The most rows the fused ops take, and the linear methods send to the GEMV kernels (the docstring: at
-# 64 rows the bf16 GEMV is ~10% behind a float32 GEMM, at 32 even; the int8 one still beats torch's
-# kernel and a per-call dequantized GEMM at 128).
+# The most rows the fused ops take, and the linear methods send to the GEMV kernels (where the kernel
+# and a per-call widened or dequantized float32 GEMM break even: the docstring).
 MAX_ROWS = 64
 BF16_MAX_ROWS = 32
-INT8_MAX_ROWS = 128
-INT4_MAX_ROWS = 64
+INT8_MAX_ROWS = 64
+INT4_MAX_ROWS = 48
 # The int4 kernel's unit: 32 input channels in 16 bytes (a group is a whole number of them).
 INT4_BLOCK = 32
 # Query heads per kv head the attention kernel handles (MAX_G in attention.c).
@@ -138,6 +140,9 @@ def _library() -> ctypes.CDLL | None:
     # x, x_kind, w, scale, zero, group_size, bias, y, y_kind, M, N, K, nthreads -> 0 or -1
     lib.loom_gemv_int4.argtypes = [p, i32, p, p, p, i64, p, p, i32, i64, i64, i64, i32]
     lib.loom_gemv_int4.restype = i32
+    # w, scale, out, N, K, nthreads
+    lib.loom_dequantize_int8.argtypes = [p, p, p, i64, i64, i32]
+    lib.loom_dequantize_int8.restype = None
     # w, scale, zero, group_size, out, N, K, nthreads
     lib.loom_dequantize_int4.argtypes = [p, p, p, i64, p, i64, i64, i32]
     lib.loom_dequantize_int4.restype = None
@@ -259,6 +264,21 @@ def matmul_int4(
     )  # fmt: skip
     if rc:
         raise MemoryError("loom's int4 kernel could not allocate its input buffer")
+    return out
+
+
+def dequantize_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int8 weight w [N, K] (K % 8 == 0) times its float32 scales [N] as float32 [N, K],
+    bit-identical to loom.layers.quant.int8.dequantize_int8."""
+    n, k = w.shape
+    if w.dtype != torch.int8 or not w.is_contiguous() or k % K_MULTIPLE:
+        raise ValueError(f"dequantize_int8 takes a contiguous int8 weight [N, K], K % {K_MULTIPLE} == 0")
+    if scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous():
+        raise ValueError(f"dequantize_int8 takes contiguous float32 scales [{n}]")
+    out = torch.empty(n, k)
+    _library().loom_dequantize_int8(
+        w.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads()
+    )
     return out
 
 

@@ -86,6 +86,17 @@ DOT_BLOCK(dot_i8, int8_t, load_i8)
 GEMV(loom_gemv_bf16, uint16_t, dot_bf16)
 GEMV(loom_gemv_int8, int8_t, dot_i8)
 
+/* The int8 weight [N, K] times its per-channel scales [N] as float32 [N, K] (q * scale, one rounding, as
+ * loom/layers/quant/int8.py's dequantize_int8), for the float32 GEMM of batches past the kernel's row
+ * limit: torch's two ops for it (widen, multiply) take longer than the GEMM's own overhead on the weight. */
+void loom_dequantize_int8(const int8_t *w, const float *scale, float *out, int64_t N, int64_t K, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        __m256 s = _mm256_set1_ps(scale[n]);
+        for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + n * K + k, _mm256_mul_ps(load_i8(w + n * K + k), s));
+    }
+}
+
 /* int4 (loom/layers/quant/int4.py): a 4-bit q in 0..15 stands for (q - 8) * scale + zero, scale and zero
  * per (output channel, group of G input channels). Each 32 input channels of a row are 16 bytes: byte j
  * holds q[j] in its low nibble and q[j + 16] in its high one.

@@ -127,6 +127,10 @@ def test_int8_paths_match_the_twin_on_both_sides_of_max_rows(rows):
     layer, twin, _, bias = pair(Int8(), 203, 256, torch.float32)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     assert_kernel_matches_twin(layer(x), twin(x), bias)
+    # past the limit the weight is dequantized in C, bit for bit as the twin's dequantize_int8
+    assert torch.equal(
+        cpu.dequantize_int8(layer.qweight, layer.scales_fp32), dequantize_int8(layer.qweight, layer.scales)
+    )
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

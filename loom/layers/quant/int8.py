@@ -1,8 +1,8 @@
 """int8 weight-only quantization: one symmetric scale per output channel.
 
 Where loom's CPU kernels build (`cpu.available()`), up to `cpu.INT8_MAX_ROWS` rows run loom's int8 kernel,
-which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per call for
-a float32 `F.linear`: both faster than torch's `_weight_int8pack_mm` on the AVX2 machine we measure on
+which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per call (in
+C, `cpu.dequantize_int8`) for a float32 `F.linear`: both faster than torch's `_weight_int8pack_mm` on the AVX2 machine we measure on
 (the table in loom/kernels/cpu.py), which runs elsewhere.
 
 Activations enter in bfloat16 whatever the model's dtype (`COMPUTE_DTYPE`): torch's kernel's float32
@@ -68,7 +68,9 @@ class Int8(LinearMethod):
             return out if layer.bias is None else out + layer.bias
         rows = as_2d(x, COMPUTE_DTYPE)
         if cpu.available():
-            out = F.linear(rows.float(), dequantize_int8(layer.qweight, layer.scales)).to(COMPUTE_DTYPE)
+            out = F.linear(rows.float(), cpu.dequantize_int8(layer.qweight, layer.scales_fp32)).to(
+                COMPUTE_DTYPE
+            )
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, layer.scales)
         return finish(out, x, layer.bias)
