@@ -138,7 +138,7 @@ static void quantize_q8(const float *x, int64_t M, int64_t K, int64_t G, int8_t 
     }
 }
 
-/* 32 weights of each of R rows (16 bytes each) as unsigned bytes 0..15 */
+/* 32 weights of one row (16 bytes) as unsigned bytes 0..15 */
 static inline __m256i unpack32(const uint8_t *p) {
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
