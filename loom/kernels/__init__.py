@@ -5,6 +5,6 @@
   and SiLU-and-mul. Every one has a plain-PyTorch twin in loom/layers that tests compare it with, and
   the layers fall back to the twin where the kernels do not build.
 - `decoder` (decoder.py + decoder.c): those kernels chained through a whole Llama-family decoder stack in
-  one call, for small bf16 decode batches (loom/models/cpu_decode.py decides which); its twin is the
-  model's modules, and its output is bit-identical to theirs.
+  one call, for small bf16 batches (loom/models/cpu_decode.py decides which), one query row per token;
+  its twin is the model's modules, and for decode tokens its output is bit-identical to theirs.
 """

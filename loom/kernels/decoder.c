@@ -1,13 +1,15 @@
-/* A whole Llama-family decoder stack for a small batch of decode tokens, in one call.
+/* A whole Llama-family decoder stack for a small batch of tokens, in one call, each token a query row
+ * with its own position, block table and key count (a decode token, or one token of a prefill chunk
+ * attending to its own prefix: loom/models/cpu_decode.py).
  *
  * A bf16 decode step of a small model runs ~10 kernels per layer, each of which is cheap next to what
  * calling it from Python costs (module calls, argument checks, tensor allocation, ctypes: 0.5-1 ms a
  * layer on this VM's cores, as much as the layer's weights take to stream). This file chains the same
  * kernels (gemv.c, attention.c, elementwise.c) in C, in the order the modules of loom/models/llama.py
- * and glm.py call them, on the same bf16 values: its output and the KV it writes are bit-identical to
- * the module path, which is its twin (tests/kernels/test_decoder.py).
+ * and glm.py call them, on the same bf16 values: for decode tokens its output and the KV it writes are
+ * bit-identical to the module path, which is its twin (tests/kernels/test_decoder.py).
  *
- * Per layer, for T tokens (one per sequence, each with its own position and block table):
+ * Per layer, for T tokens (all K/V written before any row attends, so a chunk's rows see each other):
  *   x = rms_norm(h [+ residual])       input_layernorm (the first layer's residual is h itself)
  *   qkv = x W_qkv [+ b]; q, k = rotary(q, k); K/V cache[slot] = k, v
  *   a = attention(q, cache) W_o        [GLM-4: rms_norm(a), post_self_attn_layernorm]

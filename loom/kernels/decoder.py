@@ -1,5 +1,5 @@
 """The Python side of decoder.c: a Llama-family decoder stack held as C structs of weight pointers, run
-for a small bf16 decode batch in one call (`DecoderStack`).
+for a small bf16 batch in one call (`DecoderStack`).
 
 Which models and batches take it is loom/models/cpu_decode.py's business; this file only lays out the
 structs (they must match decoder.c field for field), checks what it is given, and calls.
@@ -210,9 +210,9 @@ class DecoderStack:
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
     ) -> torch.Tensor:
-        """x [T, hidden] bf16 (one decode token per sequence) through every layer and the final norm,
-        writing each token's K/V to `slots` of the caches; cos, sin [T, rotary_dim / 2] bf16;
-        block_table [T, max_blocks] and seq_lens [T] int64 (the new token counted)."""
+        """x [T, hidden] bf16 (one query row per token) through every layer and the final norm, writing
+        each token's K/V to `slots` of the caches; cos, sin [T, rotary_dim / 2] bf16; block_table
+        [T, max_blocks] and seq_lens [T] int64: the keys row t attends to, itself included."""
         if self._caches is None:
             raise RuntimeError("set_caches first")
         t, s = x.shape[0], self.shape

@@ -1,12 +1,19 @@
-"""Small bf16 decode batches on CPU through every decoder layer in one native call.
+"""Small bf16 batches on CPU through every decoder layer in one native call.
 
 A decode step of a small model on CPU spends as long calling its ~10 kernels per layer from Python as
-the kernels take (0.5-1 ms a layer here: module calls, argument checks, allocations, ctypes), so a batch
-that every layer would send to loom's kernels anyway (bf16, decode tokens only, within the linear
-methods' GEMV row limits) runs them from one C function instead (loom/kernels/decoder.c), with the
-same arithmetic on the same values: the modules are its twin, and the outputs and KV writes are
-bit-identical (tests/kernels/test_decoder.py). Everything else (prefill chunks, mixed batches, draft
-verification, float32, int4, GPUs) takes the modules.
+the kernels take (0.5-1 ms a layer here: module calls, argument checks, allocations, ctypes), so a small
+bf16 batch (within the linear methods' GEMV row limits) runs them from one C function instead
+(loom/kernels/decoder.c). The modules are its twin:
+
+- a batch of decode tokens gets the same arithmetic on the same values: the outputs and KV writes are
+  bit-identical to the modules' (tests/kernels/test_decoder.py);
+- a prefill chunk in the batch (a draft verification, a short prompt) runs as one decode row per token,
+  each attending to its own prefix, where the modules run SDPA over the chunk: the same up to float32
+  summation order. Every row's result depends only on its own token and the cache, never on the batch
+  around it, so a verified draft token gets the numbers plain decoding would give it, and greedy output
+  is the same with speculation in bf16 as without.
+
+Larger batches, float32 models and GPUs take the modules.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from torch import nn
 from loom.kernels import cpu
 from loom.kernels.decoder import DecoderStack, StackLayer, StackShape
 from loom.layers.activation import SiluAndMul
-from loom.layers.attention import Attention, AttentionMetadata, DecodeGroup, KVCache
+from loom.layers.attention import Attention, AttentionMetadata, KVCache
 from loom.layers.norm import RMSNorm
 from loom.layers.rotary import RotaryEmbedding
 
@@ -104,16 +111,17 @@ class NativeDecode:
         self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache], meta: AttentionMetadata
     ) -> torch.Tensor | None:
         """The final hidden states of x [T, hidden], or None where this batch takes the modules."""
-        if self.stack is None or meta.prefills or not meta.decodes or x.dtype != torch.bfloat16:
-            return None
         t = x.shape[0]
-        if t > self.max_rows or sum(len(g.seq_lens) for g in meta.decodes) != t:
+        if self.stack is None or x.dtype != torch.bfloat16 or t > self.max_rows:
+            return None
+        rows = _token_rows(meta, t)
+        if rows is None:
             return None
         if caches is not self._caches:
             self.stack.set_caches([c.tensor for c in caches])
             self._caches = caches
         cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, rotary_dim / 2]
-        table, lens = _token_tables(meta.decodes, t)
+        table, lens = rows
         return self.stack.run(x.contiguous(), cos.squeeze(1), sin.squeeze(1), meta.slot_mapping, table, lens)
 
 
@@ -121,14 +129,26 @@ class _NotEligible(Exception):
     pass
 
 
-def _token_tables(groups: list[DecodeGroup], t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block table [T, max_blocks] and lengths [T] of the decode groups' tokens, in batch order."""
-    if len(groups) == 1 and t == 1:
+def _token_rows(meta: AttentionMetadata, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Block table [T, max_blocks] and key counts [T] of every token of the batch, in batch order: a
+    decode token's from its group; token i of a prefill chunk (a draft verification, a short prompt) its
+    sequence's table and num_context + i + 1 keys, so that each row attends causally as a decode token
+    would. None unless the rows cover the batch."""
+    groups, chunks = meta.decodes or [], meta.prefills or []
+    if sum(len(g.seq_lens) for g in groups) + sum(c.num_new for c in chunks) != t:
+        return None
+    if len(groups) == 1 and not chunks and t == 1:
         return groups[0].block_table, groups[0].seq_lens
-    width = max(g.block_table.shape[1] for g in groups)
+    width = max([g.block_table.shape[1] for g in groups] + [len(c.block_ids) for c in chunks])
     table = torch.zeros(t, width, dtype=torch.long)
     lens = torch.empty(t, dtype=torch.long)
     for g in groups:
         table[g.token_idx, : g.block_table.shape[1]] = g.block_table
         lens[g.token_idx] = g.seq_lens
+    for c in chunks:
+        if c.block_ids.device.type != "cpu":
+            return None
+        end = c.start + c.num_new
+        table[c.start : end, : len(c.block_ids)] = c.block_ids
+        lens[c.start : end] = torch.arange(c.num_context + 1, c.num_context + c.num_new + 1)
     return table, lens

@@ -119,7 +119,7 @@ class LlamaModel(nn.Module):
             layer.self_attn.rotary_emb = self.layers[0].self_attn.rotary_emb
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.native_decode = True
-        """Whether small bf16 decode batches on CPU run the layers as one native call (`NativeDecode`,
+        """Whether small bf16 batches on CPU run the layers as one native call (`NativeDecode`,
         built on the first forward, after the loader has given the linears their methods); the modules
         below are its twin."""
         self._native: NativeDecode | None = None

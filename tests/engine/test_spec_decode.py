@@ -134,14 +134,12 @@ PATHS = {
 }
 
 
-@pytest.mark.parametrize("arch", ["llama", "glm4"])
-@pytest.mark.parametrize("path", list(PATHS))
-def test_greedy_output_is_identical_with_speculation(arch, path, tiny_model_dir, monkeypatch):
-    model = str(tiny_model_dir(arch))
+def plain_run_and_oracle(model: str, dtype: str, monkeypatch):
+    """Five prompts, the plain run's greedy outputs, and a proposer that drafts from them (3 of 4 right)."""
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 2000) for _ in range(20 + 7 * i)] for i in range(5)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    plain = LLM(model, dtype="float32", num_blocks=256)
+    plain = LLM(model, dtype=dtype, num_blocks=256)
     want = {
         tuple(p): o.outputs[0].token_ids
         for p, o in zip(prompts, plain.generate(prompts, params), strict=True)
@@ -157,6 +155,14 @@ def test_greedy_output_is_identical_with_speculation(arch, path, tiny_model_dir,
         return []
 
     monkeypatch.setattr(Proposer, "propose", oracle)
+    return prompts, params, want
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm4"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_greedy_output_is_identical_with_speculation(arch, path, tiny_model_dir, monkeypatch):
+    model = str(tiny_model_dir(arch))
+    prompts, params, want = plain_run_and_oracle(model, "float32", monkeypatch)
     llm = LLM(
         model, dtype="float32", speculative_config={"method": "ngram"}, **{"num_blocks": 256, **PATHS[path]}
     )
@@ -172,6 +178,22 @@ def test_greedy_output_is_identical_with_speculation(arch, path, tiny_model_dir,
     # The prefix cache holds only real tokens: the same prompts again hit and give the same output.
     again = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in again] == [want[tuple(p)] for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm4"])
+def test_greedy_output_is_identical_with_speculation_in_bf16(arch, tiny_model_dir, monkeypatch):
+    """bf16 on CPU: plain decode steps and draft verifications both run loom's native decode stack, one
+    row per token, each row's numbers independent of the batch around it, so a verified token gets
+    exactly what plain decoding gives it (random-weight bf16 models have near-ties everywhere: any
+    difference in arithmetic would show)."""
+    model = str(tiny_model_dir(arch))
+    prompts, params, want = plain_run_and_oracle(model, "bfloat16", monkeypatch)
+    llm = LLM(model, dtype="bfloat16", num_blocks=256, speculative_config={"method": "ngram"})
+    outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [want[tuple(p)] for p in prompts]
+    assert llm.engine.runner.model.model._native.stack is not None
+    stats = llm.engine.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(tiny_llama_dir, monkeypatch):
