@@ -27,36 +27,15 @@ dequantized GEMM, ms per pass: int8 360 / 428 at 64 rows, 494 / 422 at 96; int4 
 261 / 249 at 48). The fused ops (decode attention, RMSNorm, SiLU-and-mul, rotary) take batches of up
 to `MAX_ROWS` tokens (`fused`).
 
-The C files are compiled together on first use with the machine's C compiler (`$CC`, else `cc`) and
-`-march=native`, into ~/.cache/loom/kernels/ keyed by the sources, the flags, the compiler and the CPU's
-flags; processes racing to build it each build a temporary file and rename it into place. Where no
-compiler is found, the build fails or the CPU lacks AVX2 and FMA, `available()` is False and the layers
-take torch's ops (logged once). LOOM_CPU_KERNELS=0 turns the kernels off.
+How the library is built and loaded: loom/kernels/build.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from functools import cache
-from pathlib import Path
-
 import torch
 
-from loom.paths import cache_dir
+from loom.kernels.build import available, library
 
-logger = logging.getLogger(__name__)
-
-HERE = Path(__file__).parent
-SOURCES = [HERE / "gemv.c", HERE / "attention.c", HERE / "elementwise.c", HERE / "decoder.c"]
-HEADERS = [HERE / "common.h"]
-# -ffp-contract=off: scalar code rounds each product as the torch twins do (no silent FMA contraction).
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
 # The kernels read 8 input channels at a time.
 K_MULTIPLE = 8
 # The most rows the fused ops take, and the linear methods send to the GEMV kernels (where the kernel
@@ -69,106 +48,6 @@ INT4_MAX_ROWS = 48
 INT4_BLOCK = 32
 # Query heads per kv head the attention kernel handles (MAX_G in attention.c).
 MAX_QUERIES_PER_KV = 16
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-
-
-def kernel_dir() -> Path:
-    return cache_dir("kernels")
-
-
-def build(compiler: str) -> Path:
-    """Compile the kernels (once per source, flags, compiler and CPU); return the shared library's path."""
-    parts = [f.read_bytes() for f in SOURCES + HEADERS]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join([*parts, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()])
-    )
-    target = kernel_dir() / f"loom-cpu-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *FLAGS, *map(str, SOURCES), "-lm", "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(
-                f"{compiler} failed to build loom's CPU kernels: {proc.stderr.strip()[-2000:]}"
-            )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-@cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LOOM_CPU_KERNELS", "1") == "0":
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        logger.warning("no C compiler found: loom's CPU kernels are off, torch's ops run instead")
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(compiler)))
-    except (OSError, RuntimeError) as e:
-        logger.warning("loom's CPU kernels are off, torch's ops run instead: %s", e)
-        return None
-    if not lib.loom_native():
-        logger.info("this CPU lacks AVX2 and FMA: loom's CPU kernels are off")
-        return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name in ("loom_gemv_bf16", "loom_gemv_int8"):
-        # x, x_kind, w, scale, bias, y, y_kind, M, N, K, nthreads -> 0 or -1 (out of memory)
-        getattr(lib, name).argtypes = [p, i32, p, p, p, p, i32, i64, i64, i64, i32]
-        getattr(lib, name).restype = i32
-    # x, x_kind, w, scale, zero, group_size, bias, y, y_kind, M, N, K, nthreads -> 0 or -1
-    lib.loom_gemv_int4.argtypes = [p, i32, p, p, p, i64, p, p, i32, i64, i64, i64, i32]
-    lib.loom_gemv_int4.restype = i32
-    # w, scale, out, N, K, nthreads
-    lib.loom_dequantize_int8.argtypes = [p, p, p, i64, i64, i32]
-    lib.loom_dequantize_int8.restype = None
-    # w, scale, zero, group_size, out, N, K, nthreads
-    lib.loom_dequantize_int4.argtypes = [p, p, p, i64, p, i64, i64, i32]
-    lib.loom_dequantize_int4.restype = None
-    f32 = ctypes.c_float
-    # q, k_cache, v_cache, block_table, seq_lens, out, kind, S, H, KvH, D, num_blocks, block_size,
-    # max_blocks, scale, nthreads -> 0 or -1
-    lib.loom_attention_decode.argtypes = [p, p, p, p, p, p, i32, i64, i64, i64, i64, i64, i64, i64, f32, i32]
-    lib.loom_attention_decode.restype = i32
-    # x, residual, w, y, sum_out, kind, M, K, eps, nthreads
-    lib.loom_rms_norm.argtypes = [p, p, p, p, p, i32, i64, i64, f32, i32]
-    lib.loom_rms_norm.restype = None
-    # x, y, kind, M, I, nthreads
-    lib.loom_silu_and_mul.argtypes = [p, p, i32, i64, i64, i32]
-    lib.loom_silu_and_mul.restype = None
-    # x, x_stride, y, cos, sin, kind, T, heads, head_dim, rotary_dim, interleaved, nthreads
-    lib.loom_rotary.argtypes = [p, i64, p, p, p, i32, i64, i64, i64, i64, i32, i32]
-    lib.loom_rotary.restype = None
-    # stack, x, out, T, cos, sin, slots, block_table, max_blocks, seq_lens, nthreads -> 0, -1 or -2
-    lib.loom_decode_stack.argtypes = [p, p, p, i64, p, p, p, p, i64, p, i32]
-    lib.loom_decode_stack.restype = i32
-    return lib
-
-
-def available() -> bool:
-    """Whether the kernels run here (built, loaded, and the CPU has AVX2 and FMA)."""
-    return _library() is not None
 
 
 def fused(x: torch.Tensor, tokens: int | None = None) -> bool:
@@ -220,7 +99,7 @@ def matmul(
     kind = _KIND[x.dtype]
     if via_bf16 and kind == _KIND[torch.float32]:
         kind = _F32_VIA_BF16
-    rc = getattr(_library(), _WEIGHTS[w.dtype])(
+    rc = getattr(library(), _WEIGHTS[w.dtype])(
         x.data_ptr(), kind, w.data_ptr(), _ptr(scales), _ptr(bias), out.data_ptr(), kind,
         x.numel() // k, n, k, torch.get_num_threads(),
     )  # fmt: skip
@@ -258,7 +137,7 @@ def matmul_int4(
         raise ValueError(f"the kernels take a contiguous float32 bias [{n}]")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     kind = _KIND[x.dtype]
-    rc = _library().loom_gemv_int4(
+    rc = library().loom_gemv_int4(
         x.data_ptr(), kind, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, _ptr(bias),
         out.data_ptr(), kind, x.numel() // k, n, k, torch.get_num_threads(),
     )  # fmt: skip
@@ -276,7 +155,7 @@ def dequantize_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous():
         raise ValueError(f"dequantize_int8 takes contiguous float32 scales [{n}]")
     out = torch.empty(n, k)
-    _library().loom_dequantize_int8(
+    library().loom_dequantize_int8(
         w.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads()
     )
     return out
@@ -296,7 +175,7 @@ def dequantize_int4(
                 f"dequantize_int4 takes contiguous bf16 scales and zeros [{n}, {k // group_size}]"
             )
     out = torch.empty(n, k)
-    _library().loom_dequantize_int4(
+    library().loom_dequantize_int4(
         w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, out.data_ptr(), n, k,
         torch.get_num_threads(),
     )  # fmt: skip
@@ -347,7 +226,7 @@ def attention_decode(
         raise ValueError("attention_decode takes an int64 block_table [S, max_blocks] and seq_lens [S]")
     block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
-    rc = _library().loom_attention_decode(
+    rc = library().loom_attention_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), _KIND[q.dtype], s, h, kvh, d, num_blocks, block_size, block_table.shape[1], scale,
         torch.get_num_threads(),
@@ -375,7 +254,7 @@ def rms_norm(
         raise ValueError("rms_norm takes a contiguous residual of x's shape and dtype")
     y = torch.empty_like(x)
     summed = torch.empty_like(x) if residual is not None else None
-    _library().loom_rms_norm(
+    library().loom_rms_norm(
         x.data_ptr(), _ptr(residual), weight.data_ptr(), y.data_ptr(), _ptr(summed), _KIND[x.dtype],
         x.numel() // k, k, eps, torch.get_num_threads(),
     )  # fmt: skip
@@ -388,7 +267,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         raise ValueError("silu_and_mul takes a contiguous float32 or bf16 x of even width")
     i = x.shape[-1] // 2
     y = torch.empty(*x.shape[:-1], i, dtype=x.dtype)
-    _library().loom_silu_and_mul(
+    library().loom_silu_and_mul(
         x.data_ptr(), y.data_ptr(), _KIND[x.dtype], x.numel() // (2 * i), i, torch.get_num_threads()
     )
     return y
@@ -412,7 +291,7 @@ def rotary(
     if rotary_dim % 2 or rotary_dim > head_dim:
         raise ValueError(f"rotary_dim must be even and at most head_dim, got {rotary_dim}")
     y = torch.empty(t, heads, head_dim, dtype=x.dtype)
-    _library().loom_rotary(
+    library().loom_rotary(
         x.data_ptr(), x.stride(0), y.data_ptr(), cos.data_ptr(), sin.data_ptr(), _KIND[x.dtype],
         t, heads, head_dim, rotary_dim, int(interleaved), torch.get_num_threads(),
     )  # fmt: skip

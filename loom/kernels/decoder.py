@@ -230,7 +230,7 @@ class DecoderStack:
             if v.dtype != torch.int64 or v.dim() != dims or len(v) != t or not v.is_contiguous():
                 raise ValueError(f"the stack takes contiguous int64 {name} with a row per token")
         out = torch.empty_like(x)
-        rc = cpu._library().loom_decode_stack(
+        rc = cpu.library().loom_decode_stack(
             ctypes.byref(self._stack), x.data_ptr(), out.data_ptr(), t, cos.data_ptr(), sin.data_ptr(),
             slots.data_ptr(), block_table.data_ptr(), block_table.shape[1], seq_lens.data_ptr(),
             torch.get_num_threads(),

@@ -7,7 +7,7 @@
  *
  * Work split: output channels in blocks of 4, each block a task of an OpenMP loop;
  * inside a block, the input rows in pairs, so the block's weights come from memory once and from L1 for
- * the next pair. Built by loom/kernels/cpu.py with -march=native; without AVX2 and FMA only
+ * the next pair. Built by loom/kernels/build.py with -march=native; without AVX2 and FMA only
  * loom_native() is useful (it returns 0 and the Python side falls back to torch).
  */
 #include "common.h"

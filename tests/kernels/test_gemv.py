@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loom.kernels import cpu
+from loom.kernels import build, cpu
 from loom.layers.quant import Bf16Widened, Int4, Int8, linear_method
 from loom.layers.quant.int4 import dequantize_int4, quantize_activations, quantize_int4
 from loom.layers.quant.int8 import dequantize_int8, quantize_int8
@@ -31,7 +31,7 @@ def _cpu_can() -> bool:
             next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), ""),
         )
     )
-    return {"avx2", "fma"} <= flags and cpu._compiler() is not None
+    return {"avx2", "fma"} <= flags and build.compiler() is not None
 
 
 def test_kernels_build_and_load_on_this_machine():
@@ -40,7 +40,7 @@ def test_kernels_build_and_load_on_this_machine():
     if not _cpu_can():
         pytest.fail("this machine lacks AVX2/FMA or a C compiler; the suite expects both")
     assert cpu.available()
-    assert list(cpu.kernel_dir().glob("loom-cpu-*.so"))
+    assert list(build.kernel_dir().glob("loom-cpu-*.so"))
 
 
 def close_to_float64(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -246,5 +246,5 @@ def test_a_failed_build_is_an_error_naming_the_compiler(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'fake cc: no such option' >&2\nexit 1\n")
     fake.chmod(0o755)
     with pytest.raises(RuntimeError, match="fake cc: no such option"):
-        cpu.build(str(fake))
+        build.build(str(fake))
     assert not list((tmp_path / "loom" / "kernels").glob("*"))  # no half-written library left behind
