@@ -31,7 +31,12 @@ from loom.paths import cache_dir
 
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 CONVERTER = "convert_hf_to_gguf.py"
-CACHE = cache_dir("gguf")
+
+
+def cache() -> Path:
+    """Where GGUFs and unpacked sdists are kept (under loom's cache root, read at each call)."""
+    return cache_dir("gguf")
+
 
 # Runs the converter with one change: an unrecognized BPE pre-tokenizer becomes "default" (see above).
 _BOOTSTRAP = """
@@ -69,7 +74,7 @@ def find_converter(src: Path) -> Path:
 
 def _extract(tarball: Path) -> Path:
     """Extract the converter, its `conversion` package and gguf-py from an sdist (once)."""
-    out = CACHE / "src" / tarball.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    out = cache() / "src" / tarball.name.removesuffix(".tar.gz").removesuffix(".tgz")
     if (out / "vendor" / "llama.cpp" / CONVERTER).is_file():
         return out
     wanted = (f"/vendor/llama.cpp/{CONVERTER}", "/vendor/llama.cpp/conversion/", "/vendor/llama.cpp/gguf-py/")
@@ -103,7 +108,7 @@ def convert(model_dir: Path, dtype: str, src: Path, out: Path | None = None) -> 
         raise GGUFError(f"llama.cpp has no {dtype} GGUF here; choose from {sorted(OUTTYPES)}")
     model_dir = Path(model_dir).resolve()
     if out is None:
-        out = CACHE / f"{model_dir.name}-{fingerprint(model_dir)}-{OUTTYPES[dtype]}.gguf"
+        out = cache() / f"{model_dir.name}-{fingerprint(model_dir)}-{OUTTYPES[dtype]}.gguf"
     if out.exists():
         return out
     converter = find_converter(src)

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from loom import paths
 from loom.bench import gguf
 from loom.bench.peers import Peer
-from loom.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-CACHE = cache_dir("llama.cpp")
 # The version the README's llama.cpp figures were measured with; an installed llama-cpp-python wins.
 DEFAULT_VERSION = "0.3.36"
 TARGETS = ("llama-server", "llama-quantize")
@@ -116,7 +115,8 @@ def source_version(src: Path) -> str:
 
 
 def cache_dir(version: str) -> Path:
-    return CACHE / version
+    """Where llama.cpp `version` is built (under loom's cache root, read at each call)."""
+    return paths.cache_dir("llama.cpp", version)
 
 
 def find_build(version: str | None = None) -> Build | None:
@@ -305,7 +305,7 @@ def quantize_command(quantize: Path, source: Path, out: Path, gguf_type: str, th
 def gguf_path(model_dir: Path, gguf_type: str) -> Path:
     """Where the GGUF of `model_dir` in `gguf_type` is cached (the naming gguf.convert uses)."""
     model_dir = Path(model_dir).resolve()
-    return gguf.CACHE / f"{model_dir.name}-{gguf.fingerprint(model_dir)}-{gguf_type}.gguf"
+    return gguf.cache() / f"{model_dir.name}-{gguf.fingerprint(model_dir)}-{gguf_type}.gguf"
 
 
 def make_gguf(model_dir: Path, gguf_type: str, build: Build, threads: int = 2) -> Path:

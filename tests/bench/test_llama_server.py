@@ -135,7 +135,8 @@ def test_source_version_from_an_sdist_name_or_a_source_directory(tmp_path):
 
 
 def test_a_missing_build_says_how_to_make_one_and_a_cached_one_is_found(tmp_path, monkeypatch):
-    monkeypatch.setattr(llama_server, "CACHE", tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tmp_path = tmp_path / "loom" / "llama.cpp"
     assert llama_server.find_build("9.9.9") is None
     with pytest.raises(llama_server.LlamaServerError, match="loom bench llama-server build"):
         llama_server.require_build("9.9.9")
@@ -187,7 +188,7 @@ def test_gguf_types_and_quantize_command(tmp_path, tiny_llama_dir):
     ]
     # One cache naming for converted and quantized files, keyed by the checkpoint's fingerprint.
     path = llama_server.gguf_path(tiny_llama_dir, "q8_0")
-    assert path.parent == gguf.CACHE
+    assert path.parent == gguf.cache()
     assert path.name == f"{tiny_llama_dir.name}-{gguf.fingerprint(tiny_llama_dir)}-q8_0.gguf"
 
 

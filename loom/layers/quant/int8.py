@@ -1,9 +1,10 @@
 """int8 weight-only quantization: one symmetric scale per output channel.
 
-Where loom's CPU kernels build (`cpu.available()`), up to `cpu.INT8_MAX_ROWS` rows run loom's int8 kernel,
-which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per call (in
-C, `cpu.dequantize_int8`) for a float32 `F.linear`: both faster than torch's `_weight_int8pack_mm` on the AVX2 machine we measure on
-(the table in loom/kernels/cpu.py), which runs elsewhere.
+Where loom's CPU kernels build (`cpu.available()`), up to `cpu.INT8_MAX_ROWS` rows run loom's int8
+kernel, which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per
+call (in C, `cpu.dequantize_int8`) for a float32 `F.linear`: both faster than torch's
+`_weight_int8pack_mm` on the AVX2 machine we measure on (the table in loom/kernels/cpu.py), which runs
+elsewhere.
 
 Activations enter in bfloat16 whatever the model's dtype (`COMPUTE_DTYPE`): torch's kernel's float32
 path is scalar code on AVX2, 3-10x slower than a float32 `F.linear`, while its bfloat16 path is the fast
