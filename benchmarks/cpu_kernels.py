@@ -4,7 +4,7 @@ One pass runs every linear of a model's decoder layers once (the 89M Llama: 12 l
 gate_up, down), each layer's weights distinct, so they come from memory as in a real step rather than
 from cache as in a one-layer loop. Rows: 1 (batch-1 decode) up to a prefill chunk. Systems, per row
 count: float32 F.linear (a float32 copy of a bf16 weight: `Float32Compute`), loom's bf16 path
-(`Bf16Widened`: the kernel up to MAX_ROWS rows, the weight widened per call beyond), torch's
+(`Bf16Widened`: loom's panel kernel at every row count), torch's
 `_weight_int8pack_mm` and loom's int8 path, torch's int4 kernel. Rounds alternate the systems; each
 figure is the median round, in ms per pass, with loom's speed-up over torch's path beside it.
 
@@ -28,6 +28,7 @@ from loom.kernels import cpu
 from loom.layers.linear import Linear
 from loom.layers.quant import Bf16Widened, Int4, Int8, process_linears
 from loom.layers.quant.int4 import quantize_int4
+from loom.layers.quant.int8 import quantize_int8
 
 # (in_features, out_features) of one decoder layer of the 89M Llama (hidden 768, 12 heads / 4 kv heads
 # of 64, intermediate 2432): qkv, o, gate_up, down.
@@ -50,6 +51,7 @@ def build(layers: int, seed: int = 0):
 
     fp32 = [[w.float() for w in ws] for ws in weights]
     int8 = linears(Int8())
+    torch_int8 = [quantize_int8(w) for ws in weights for w in ws]
     loom_int4 = linears(Int4(32))
     int4 = []
     for ws in weights:
@@ -63,8 +65,7 @@ def build(layers: int, seed: int = 0):
             linears(Bf16Widened())
         ),
         "torch int8": lambda x: [
-            torch.ops.aten._weight_int8pack_mm(x[layer.in_features], layer.qweight, layer.scales)
-            for layer in int8
+            torch.ops.aten._weight_int8pack_mm(x[q.shape[1]], q, scale) for q, scale in torch_int8
         ],
         "loom int8": lambda x: [layer(x[layer.in_features]) for layer in int8],
         "torch int4 g32": lambda x: [

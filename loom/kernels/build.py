@@ -93,15 +93,12 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name in ("loom_gemv_bf16", "loom_gemv_int8"):
-        # x, x_kind, w, scale, bias, y, y_kind, M, N, K, nthreads -> 0 or -1 (out of memory)
+        # x, x_kind, w (panels), scale, bias, y, y_kind, M, N, K, nthreads -> 0 or -1 (out of memory)
         getattr(lib, name).argtypes = [p, i32, p, p, p, p, i32, i64, i64, i64, i32]
         getattr(lib, name).restype = i32
     # x, x_kind, w, scale, zero, group_size, bias, y, y_kind, M, N, K, nthreads -> 0 or -1
     lib.loom_gemv_int4.argtypes = [p, i32, p, p, p, i64, p, p, i32, i64, i64, i64, i32]
     lib.loom_gemv_int4.restype = i32
-    # w, scale, out, N, K, nthreads
-    lib.loom_dequantize_int8.argtypes = [p, p, p, i64, i64, i32]
-    lib.loom_dequantize_int8.restype = None
     # w, scale, zero, group_size, out, N, K, nthreads
     lib.loom_dequantize_int4.argtypes = [p, p, p, i64, p, i64, i64, i32]
     lib.loom_dequantize_int4.restype = None

@@ -1,31 +1,29 @@
 """loom's own CPU kernels (gemv.c, attention.c, elementwise.c, decoder.c): how they are built and loaded,
 and the Python side of each (argument checks, output allocation, one ctypes call).
 
-The GEMV kernels multiply bf16, int8 or int4 weights by a few rows. A decode step with a few sequences
-streams every weight from memory once, so its speed is the weights' bytes over the memory bandwidth, if
-the kernel reads them as stored. On a CPU without native bf16 (AVX2) torch has no such kernel: a bf16
-weight runs fastest as a float32 copy (twice the bytes), and `_weight_int8pack_mm` is compute-bound.
-gemv.c widens the stored weights in registers and prefetches the next block of output channels; the
-int4 kernel quantizes the input to int8 and multiplies in integers (gemv.c says why).
+The linear kernels multiply bf16, int8 or int4 weights by any number of rows. A decode step with a few
+sequences streams every weight from memory once, so its speed is the weights' bytes over the memory
+bandwidth, if the kernel reads them as stored; a prefill chunk reuses each weight for many rows, so its
+speed is the FMA rate. On a CPU without native bf16 (AVX2) torch has neither: a bf16 weight runs fastest
+as a float32 copy (twice the bytes) through its float32 GEMM, and `_weight_int8pack_mm` is
+compute-bound. gemv.c keeps bf16 and int8 weights in panels of 16 output channels (`pack_panels`) and
+widens them in registers, 6 rows to a tile; each output is one FMA chain over the input channels, the
+same for any batch. The int4 kernel quantizes the input to int8 and multiplies in integers (gemv.c says
+why); past `INT4_MAX_ROWS` rows int4 weights are dequantized per call for a float32 GEMM.
 `python benchmarks/cpu_kernels.py --threads 1` on the 2-vCPU AVX2 VM: the 12 layers of the 89M Llama,
-weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; loom's
-columns are the linear methods, so past their row limits they show the float32 GEMM they switch to;
-the box was ~40% slower than usual during this run, the float32 column says by how much):
+weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; "float32"
+is torch's GEMM on a float32 copy of the weight, the fastest torch has for a bf16 weight here):
 
 | rows | float32 copy, F.linear | loom bf16 | torch int8 | loom int8 | torch int4 g32 | loom int4 g32 |
 |---:|---:|---:|---:|---:|---:|---:|
-| 1 | 50.1 | 28.3 | 35.6 | 15.9 | 18.8 | 15.6 |
-| 16 | 180.0 | 106.8 | 130.3 | 99.7 | 127.6 | 128.6 |
-| 32 | 214.5 | 190.9 | 220.7 | 177.7 | 222.5 | 232.0 |
-| 64 | 305.0 | 367.6 | 415.6 | 349.7 | 452.5 | 368.6 |
-| 128 | 415.5 | 455.7 | 656.0 | 505.8 | 690.9 | 490.8 |
+| 1 | 38.4 | 18.3 | 26.5 | 15.0 | 16.5 | 13.3 |
+| 16 | 133.3 | 47.9 | 91.8 | 57.0 | 75.5 | 79.1 |
+| 64 | 256.3 | 177.3 | 339.6 | 172.8 | 381.2 | 353.6 |
+| 128 | 385.3 | 307.6 | 573.7 | 333.7 | 601.1 | 432.6 |
+| 256 | 667.2 | 609.8 | 1094.7 | 567.8 | 1187.6 | 726.0 |
 
-Past `BF16_MAX_ROWS`, `INT8_MAX_ROWS` and `INT4_MAX_ROWS` rows the weights are reused enough that a
-float32 GEMM on the weight widened or dequantized per call (in C: torch's two ops for int8 cost more
-than the GEMM's margin) beats the GEMV kernel; the methods switch there (measured kernel against
-dequantized GEMM, ms per pass: int8 360 / 428 at 64 rows, 494 / 422 at 96; int4 221 / 244 at 32 rows,
-261 / 249 at 48). The fused ops (decode attention, RMSNorm, SiLU-and-mul, rotary) take batches of up
-to `MAX_ROWS` tokens (`fused`).
+The fused ops (decode attention, RMSNorm, SiLU-and-mul, rotary) take batches of up to `MAX_ROWS` tokens
+(`fused`).
 
 How the library is built and loaded: loom/kernels/build.py.
 """
@@ -36,14 +34,17 @@ import torch
 
 from loom.kernels.build import available, library
 
-# The kernels read 8 input channels at a time.
+# The fused kernels (attention, norms) read 8 channels at a time.
 K_MULTIPLE = 8
-# The most rows the fused ops take, and the linear methods send to the GEMV kernels (where the kernel
-# and a per-call widened or dequantized float32 GEMM break even: the docstring).
+# The most rows the fused ops take.
 MAX_ROWS = 64
-BF16_MAX_ROWS = 32
-INT8_MAX_ROWS = 64
+# Where the int4 kernel and a per-call dequantized float32 GEMM break even (measured: int4 221 / 244 ms
+# per pass at 32 rows, 261 / 249 at 48).
 INT4_MAX_ROWS = 48
+# Output channels per panel of a bf16 or int8 weight (NR in gemv.c).
+PANEL = 16
+# bf16 panels hold channel j in the low half of 32-bit lane j and channel j + 8 in the high half.
+_BF16_LANES = torch.tensor([c for j in range(8) for c in (j, j + 8)])
 # The int4 kernel's unit: 32 input channels in 16 bytes (a group is a whole number of them).
 INT4_BLOCK = 32
 # Query heads per kv head the attention kernel handles (MAX_G in attention.c).
@@ -68,27 +69,53 @@ _F32_VIA_BF16 = 2
 _WEIGHTS = {torch.bfloat16: "loom_gemv_bf16", torch.int8: "loom_gemv_int8"}
 
 
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 or int8 weight [N, K] in the kernels' layout: panels of 16 output channels,
+    [ceil(N / 16), K, 16], the last one padded with zeros (bf16 lanes interleaved as gemv.c reads them)."""
+    if w.dtype not in _WEIGHTS or w.dim() != 2:
+        raise ValueError(f"pack_panels takes a bf16 or int8 weight [N, K], got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    p = -(-n // PANEL)
+    padded = w.new_zeros(p * PANEL, k)
+    padded[:n] = w
+    panels = padded.view(p, PANEL, k).transpose(1, 2)
+    if w.dtype == torch.bfloat16:
+        panels = panels[..., _BF16_LANES]
+    return panels.contiguous()
+
+
+def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """`pack_panels`' inverse: the weight [n, K]."""
+    if panels.dtype == torch.bfloat16:
+        panels = panels[..., torch.argsort(_BF16_LANES)]
+    p, k, _ = panels.shape
+    return panels.transpose(1, 2).reshape(p * PANEL, k)[:n].contiguous()
+
+
 def matmul(
     x: torch.Tensor,
     w: torch.Tensor,
+    n: int,
     scales: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     via_bf16: bool = False,
 ) -> torch.Tensor:
-    """x [..., K] times w [N, K] transposed, times `scales` [N], plus `bias` [N]: [..., N] in x's dtype.
+    """x [..., K] times the weight [n, K] (bf16 or int8, as `pack_panels` lays it out) transposed, times
+    `scales` [n], plus `bias` [n]: [..., n] in x's dtype.
 
-    x is float32 or bf16, contiguous; w is bf16 or int8, contiguous, K % 8 == 0; scales and bias are
-    float32. One call does it all (widening x, rounding the result), since each extra torch op costs
-    about as much as the kernel at decode sizes. `via_bf16` (int8's arithmetic for a float32 x) rounds x
-    to bf16 values first and the result (before the bias) to bf16 values after."""
-    n, k = w.shape
+    x is float32 or bf16, contiguous; scales and bias are float32. One call does it all (widening x,
+    rounding the result), since each extra torch op costs about as much as the kernel at decode sizes.
+    `via_bf16` (int8's arithmetic for a float32 x) rounds x to bf16 values first and the result (before
+    the bias) to bf16 values after. Each output is the same FMA chain whatever the number of rows."""
+    k = w.shape[1] if w.dim() == 3 else -1
+    if w.dtype not in _WEIGHTS or w.shape != (-(-n // PANEL), k, PANEL) or not w.is_contiguous():
+        raise ValueError(
+            f"the kernels take a bf16 or int8 weight [{n}, K] in panels (pack_panels), "
+            f"got {w.dtype} {tuple(w.shape)}"
+        )
     if x.dtype not in _KIND or not x.is_contiguous() or x.shape[-1] != k:
         raise ValueError(
             f"the kernels take a contiguous float32 or bf16 x [..., {k}], got {x.dtype} {tuple(x.shape)}"
-        )
-    if w.dtype not in _WEIGHTS or not w.is_contiguous() or k % K_MULTIPLE:
-        raise ValueError(
-            f"the kernels take a contiguous bfloat16 or int8 weight [N, K], K % {K_MULTIPLE} == 0"
         )
     for name, v in (("scales", scales), ("bias", bias)):
         if v is not None and (v.dtype != torch.float32 or v.shape != (n,) or not v.is_contiguous()):
@@ -104,7 +131,7 @@ def matmul(
         x.numel() // k, n, k, torch.get_num_threads(),
     )  # fmt: skip
     if rc:
-        raise MemoryError("loom's GEMV kernel could not allocate its input buffer")
+        raise MemoryError("loom's linear kernel could not allocate its input buffer")
     return out
 
 
@@ -143,21 +170,6 @@ def matmul_int4(
     )  # fmt: skip
     if rc:
         raise MemoryError("loom's int4 kernel could not allocate its input buffer")
-    return out
-
-
-def dequantize_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The int8 weight w [N, K] (K % 8 == 0) times its float32 scales [N] as float32 [N, K],
-    bit-identical to loom.layers.quant.int8.dequantize_int8."""
-    n, k = w.shape
-    if w.dtype != torch.int8 or not w.is_contiguous() or k % K_MULTIPLE:
-        raise ValueError(f"dequantize_int8 takes a contiguous int8 weight [N, K], K % {K_MULTIPLE} == 0")
-    if scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous():
-        raise ValueError(f"dequantize_int8 takes contiguous float32 scales [{n}]")
-    out = torch.empty(n, k)
-    library().loom_dequantize_int8(
-        w.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads()
-    )
     return out
 
 

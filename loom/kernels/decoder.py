@@ -70,10 +70,10 @@ class _Stack(ctypes.Structure):
 
 @dataclass(slots=True)
 class StackLinear:
-    """One linear as its LinearMethod holds it: a bf16 weight with an optional float32 `bias` added before
-    rounding (Bf16Widened); an int8 weight with float32 `scales` [N] (Int8), or a packed int4 one
-    (`cpu.pack_int4`) with bf16 `scales` and `zeros` [N, K / group_size] (Int4), each with an optional
-    bf16 `bias_after` added after rounding."""
+    """One linear as its LinearMethod holds it: a bf16 weight in panels (`cpu.pack_panels`) with an
+    optional float32 `bias` added before rounding (Bf16Widened); an int8 weight in panels with float32
+    `scales` [N] (Int8), or a packed int4 one (`cpu.pack_int4`) with bf16 `scales` and `zeros`
+    [N, K / group_size] (Int4), each with an optional bf16 `bias_after` added after rounding."""
 
     weight: torch.Tensor
     scales: torch.Tensor | None = None
@@ -114,10 +114,11 @@ class StackShape:
 def _linear(lin: StackLinear, n: int, k: int) -> _Linear:
     w = lin.weight
     kind = {torch.bfloat16: _BF16, torch.int8: _INT8, torch.uint8: _INT4}.get(w.dtype)
-    packed_k = k // 2 if kind == _INT4 else k
-    if kind is None or w.shape != (n, packed_k) or not w.is_contiguous():
+    shape = (n, k // 2) if kind == _INT4 else (-(-n // cpu.PANEL), k, cpu.PANEL)
+    if kind is None or w.shape != shape or not w.is_contiguous():
         raise ValueError(
-            f"a stack linear takes a contiguous bf16 or int8 weight [{n}, {k}], or int4 [{n}, {k // 2}]"
+            f"a stack linear takes a bf16 or int8 weight [{n}, {k}] in panels (cpu.pack_panels), "
+            f"or int4 [{n}, {k // 2}]"
         )
     if (kind == _BF16) != (lin.scales is None) or (kind == _INT4) != (lin.zeros is not None):
         raise ValueError("int8 and int4 weights, and only they, come with scales; int4 ones with zeros too")

@@ -1,100 +1,198 @@
-/* Small-batch CPU linears for weight types torch has no fast kernel for on AVX2 CPUs (bf16, int8):
- * y[m, n] = sum_k x[m, k] * w(n, k), for a few rows x (decode steps), reading the weight once.
+/* CPU linears for weight types torch has no fast kernel for on AVX2 CPUs (bf16, int8, int4):
+ * y[m, n] = sum_k x[m, k] * w(n, k), for any number of rows x, reading the weight in its stored width.
  *
- * A decode step with a few sequences is bound by how fast the weights stream from memory, so the
- * kernels read them in their stored width (bf16, int8) and widen to float32 in registers, where
- * torch either widens the whole weight first or takes a scalar path. Every kernel accumulates in float32.
+ * bf16 and int8 weights are stored in panels of 16 output channels, [ceil(N / 16)][K][16] (cpu.py's
+ * pack_panels; the last panel padded with zeros): input channel k of a panel is one load of 16 weights,
+ * widened to float32 in registers (two vectors of 8 channels). Each output is one float32 FMA chain over
+ * k = 0 .. K-1, then times its scale (int8) plus its bias. That chain is the same however many rows come
+ * and wherever a row sits in the batch, so a row's result does not depend on the batch around it: a decode
+ * token, a verified draft token and the same token in a prefill chunk get the same bits.
  *
- * Work split: output channels in blocks of 4, each block a task of an OpenMP loop;
- * inside a block, the input rows in pairs, so the block's weights come from memory once and from L1 for
- * the next pair. Built by loom/kernels/build.py with -march=native; without AVX2 and FMA only
- * loom_native() is useful (it returns 0 and the Python side falls back to torch).
+ * A tile is up to 6 rows against one panel (12 accumulators; each weight load serves 6 rows, each
+ * broadcast input value 16 channels); one or two rows (decode steps, bound by how fast the weights
+ * stream from memory) go against two panels at a time. Past two rows an int8 panel is widened once into
+ * a float32 buffer (its widening costs more instructions than the FMAs can hide), a bf16 one in
+ * registers at each use (a shift and a mask). Panels are split between OpenMP threads; batches too large
+ * for the cache go in chunks of rows. Measured against torch's float32 GEMM on a float32 copy of the
+ * weight, the table in cpu.py. Built by loom/kernels/build.py with -march=native; without AVX2 and FMA
+ * only loom_native() is useful (it returns 0 and the Python side falls back to torch).
  */
 #include "common.h"
 
 #ifdef LOOM_NATIVE
 int loom_native(void) { return 1; }
 
-static inline __m256 load_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#define PANEL_N 16 /* output channels per panel */
+#define TILE_ROWS 6 /* most rows per tile */
+/* Rows per chunk: a chunk's float32 input rows stay in cache while every panel passes over them. */
+#define CHUNK_BYTES (1 << 20)
+
+/* Input channel k of a panel: 16 weights as two float32 vectors (channels 0-7, 8-15). bf16 panels hold
+ * channel j in the low half of 32-bit lane j and channel j + 8 in its high half, so that a shift and a
+ * mask widen them. */
+static inline void panel_bf16(const uint16_t *p, __m256 w[2]) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    w[1] = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
+static inline void panel_i8(const int8_t *p, __m256 w[2]) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+}
 
-/* One block of R weight rows against MR input rows (MR is 1 or 2), for weights of any 8-wide loader.
- * K % 8 == 0 (checked by the caller). `pf`, when not NULL, is the next block's weights: each step
- * prefetches as many of its bytes as it reads of this block's, so the next block is in cache when its
- * turn comes (the hardware prefetcher alone left a one-thread decode at a third of the bandwidth). */
-#define DOT_BLOCK(NAME, WT, LOAD)                                                                      \
-    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const WT *w,   \
-                                                           const WT *pf, int R, int MR,              \
-                                                           float out[4][2]) {                        \
-        __m256 acc[4][2];                                                                              \
-        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                      \
-        const float *x1 = x + (MR > 1 ? K : 0);                                                        \
-        for (int64_t k = 0; k < K; k += 8) {                                                           \
-            __m256 xa = _mm256_loadu_ps(x + k);                                                        \
-            __m256 xb = MR > 1 ? _mm256_loadu_ps(x1 + k) : xa;                                         \
-            if (pf) _mm_prefetch((const char *)(pf + 4 * k), _MM_HINT_T0);                             \
-            for (int r = 0; r < R; r++) {                                                              \
-                __m256 wv = LOAD(w + r * K + k);                                                       \
-                acc[r][0] = _mm256_fmadd_ps(wv, xa, acc[r][0]);                                        \
-                if (MR > 1) acc[r][1] = _mm256_fmadd_ps(wv, xb, acc[r][1]);                            \
+static inline void panel_f32(const float *p, __m256 w[2]) {
+    w[0] = _mm256_loadu_ps(p);
+    w[1] = _mm256_loadu_ps(p + 8);
+}
+
+/* R rows of x (row stride K) against NP consecutive panels (stride K * PANEL_N): out[i][16 j + c] is row
+ * i's output for channel c of panel j. R and NP are constants at each call (always_inline), so that the
+ * accumulators live in registers. */
+#define TILE(NAME, WT, LOAD)                                                                           \
+    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const WT *p,    \
+                                                           int R, int NP, float out[TILE_ROWS][32]) { \
+        __m256 acc[TILE_ROWS][4];                                                                      \
+        for (int i = 0; i < R; i++)                                                                    \
+            for (int c = 0; c < 2 * NP; c++) acc[i][c] = _mm256_setzero_ps();                          \
+        for (int64_t k = 0; k < K; k++) {                                                              \
+            __m256 w[4];                                                                               \
+            for (int j = 0; j < NP; j++) LOAD(p + (j * K + k) * PANEL_N, w + 2 * j);                   \
+            for (int i = 0; i < R; i++) {                                                              \
+                __m256 xb = _mm256_broadcast_ss(x + i * K + k);                                        \
+                for (int c = 0; c < 2 * NP; c++) acc[i][c] = _mm256_fmadd_ps(xb, w[c], acc[i][c]);     \
             }                                                                                          \
         }                                                                                              \
-        for (int r = 0; r < R; r++)                                                                    \
-            for (int i = 0; i < MR; i++) out[r][i] = hsum(acc[r][i]);                                  \
+        for (int i = 0; i < R; i++)                                                                    \
+            for (int c = 0; c < 2 * NP; c++) _mm256_storeu_ps(out[i] + 8 * c, acc[i][c]);              \
     }
 
-DOT_BLOCK(dot_bf16, uint16_t, load_bf16)
-DOT_BLOCK(dot_i8, int8_t, load_i8)
+TILE(tile_bf16, uint16_t, panel_bf16)
+TILE(tile_i8, int8_t, panel_i8)
+TILE(tile_f32, float, panel_f32)
 
-/* The driver: y = (x @ w.T) * scale + bias, scale (per output channel) and bias optional (NULL). Blocks
- * of 4 output channels (the last one may be short), pairs of input rows; R and MR are constants in each
- * branch so the compiler unrolls the block. Returns 0, or -1 if the widened input's buffer could not be
- * allocated. */
-#define GEMV(NAME, WT, DOT)                                                                            \
-    int NAME(const void *x, int x_kind, const WT *w, const float *scale, const float *bias, void *y,  \
-             int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {                              \
-        float *buf = x_kind == F32 ? NULL : malloc(sizeof(float) * M * K);                             \
-        if (x_kind != F32 && !buf) return -1;                                                          \
-        const float *xf = rows_f32(x, x_kind, M * K, buf);                                             \
-        int64_t blocks = (N + 3) / 4;                                                                  \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                             \
-        for (int64_t b = 0; b < blocks; b++) {                                                         \
-            int64_t n0 = b * 4;                                                                        \
-            int R = N - n0 < 4 ? (int)(N - n0) : 4;                                                    \
-            const WT *wb = w + n0 * K;                                                                 \
-            for (int64_t m = 0; m < M; m += 2) {                                                       \
-                float out[4][2];                                                                       \
-                int MR = M - m > 1 ? 2 : 1;                                                            \
-                const WT *pf = m == 0 && b + 1 < blocks ? wb + 4 * K : NULL;                           \
-                if (R == 4 && MR == 2) DOT(xf + m * K, K, wb, pf, 4, 2, out);                          \
-                else if (R == 4) DOT(xf + m * K, K, wb, pf, 4, 1, out);                                \
-                else if (MR == 2) DOT(xf + m * K, K, wb, pf, R, 2, out);                               \
-                else DOT(xf + m * K, K, wb, pf, R, 1, out);                                            \
-                for (int r = 0; r < R; r++)                                                            \
-                    for (int i = 0; i < MR; i++) {                                                     \
-                        float v = scale ? out[r][i] * scale[n0 + r] : out[r][i];                       \
-                        store(y, y_kind, (m + i) * N + n0 + r, bias ? v + bias[n0 + r] : v);          \
-                    }                                                                                  \
-            }                                                                                          \
+/* What a tile computed into y: times scale, plus bias (each per channel, optional); channels < N only. */
+typedef struct {
+    const float *scale, *bias;
+    void *y;
+    int y_kind;
+    int64_t N, K;
+} out_spec;
+
+static inline void tile_out(const out_spec *o, float v[TILE_ROWS][32], int R, int NP, int64_t m, int64_t n0) {
+    for (int i = 0; i < R; i++)
+        for (int c = 0; c < NP * PANEL_N && n0 + c < o->N; c++) {
+            float r = o->scale ? v[i][c] * o->scale[n0 + c] : v[i][c];
+            store(o->y, o->y_kind, (m + i) * o->N + n0 + c, o->bias ? r + o->bias[n0 + c] : r);
+        }
+}
+
+/* One or two rows (decode): bound by the weights' streaming, so they are widened in registers as they
+ * come, two panels at a time (8 independent accumulator chains for one row). */
+#define FEW_ROWS(NAME, WT, TILE)                                                                       \
+    static void NAME(const out_spec *o, const float *x, int64_t m, int rows, const WT *w,             \
+                     int64_t panels) {                                                                 \
+        float v[TILE_ROWS][32];                                                                        \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < (panels + 1) / 2; b++) {           \
+            const WT *p = w + 2 * b * o->K * PANEL_N;                                                  \
+            int two = 2 * b + 1 < panels;                                                              \
+            if (rows == 2 && two) TILE(x, o->K, p, 2, 2, v);                                           \
+            else if (rows == 2) TILE(x, o->K, p, 2, 1, v);                                             \
+            else if (two) TILE(x, o->K, p, 1, 2, v);                                                   \
+            else TILE(x, o->K, p, 1, 1, v);                                                            \
+            tile_out(o, v, rows, 1 + two, m, 2 * b * PANEL_N);                                         \
         }                                                                                              \
-        free(buf);                                                                                     \
-        return 0;                                                                                      \
     }
 
-GEMV(loom_gemv_bf16, uint16_t, dot_bf16)
-GEMV(loom_gemv_int8, int8_t, dot_i8)
+FEW_ROWS(few_rows_bf16, uint16_t, tile_bf16)
+FEW_ROWS(few_rows_i8, int8_t, tile_i8)
 
-/* The int8 weight [N, K] times its per-channel scales [N] as float32 [N, K] (q * scale, one rounding, as
- * loom/layers/quant/int8.py's dequantize_int8), for the float32 GEMM of batches past the kernel's row
- * limit: torch's two ops for it (widen, multiply) take longer than the GEMM's own overhead on the weight. */
-void loom_dequantize_int8(const int8_t *w, const float *scale, float *out, int64_t N, int64_t K, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        __m256 s = _mm256_set1_ps(scale[n]);
-        for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + n * K + k, _mm256_mul_ps(load_i8(w + n * K + k), s));
+enum { W_BF16 = 0, W_INT8 = 1 };
+
+/* 6 rows at a time (R of them) against one panel: x rows from xm, tile function TILE on panel p. */
+#define TILE_ROWS_OF(TILE, xm, K, p, R, v)                                                             \
+    switch (R) {                                                                                       \
+    case 6: TILE(xm, K, p, 6, 1, v); break;                                                            \
+    case 5: TILE(xm, K, p, 5, 1, v); break;                                                            \
+    case 4: TILE(xm, K, p, 4, 1, v); break;                                                            \
+    case 3: TILE(xm, K, p, 3, 1, v); break;                                                            \
+    case 2: TILE(xm, K, p, 2, 1, v); break;                                                            \
+    default: TILE(xm, K, p, 1, 1, v);                                                                  \
     }
+
+/* Rows m0 .. m1 - 1 (more than two), 6 at a time against each panel. bf16 panels are widened in
+ * registers (a shift, a mask); int8 ones, whose widening takes more instructions than the FMAs can hide,
+ * are widened once per panel into `wf` as float32 (exactly: int8 values are float32 values). */
+static void many_rows(const out_spec *o, const float *xf, int64_t m0, int64_t m1, const void *w, int kind,
+                      int64_t panels, float *wf) {
+    int64_t K = o->K, n = K * PANEL_N;
+    float v[TILE_ROWS][32];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < panels; b++) {
+        const uint16_t *pb = (const uint16_t *)w + b * n;
+        if (kind == W_INT8) {
+            __m256 t[2];
+            for (int64_t i = 0; i < n; i += PANEL_N) {
+                panel_i8((const int8_t *)w + b * n + i, t);
+                _mm256_storeu_ps(wf + i, t[0]);
+                _mm256_storeu_ps(wf + i + 8, t[1]);
+            }
+        }
+        for (int64_t m = m0; m < m1; m += TILE_ROWS) {
+            const float *xm = xf + m * K;
+            int R = m1 - m < TILE_ROWS ? (int)(m1 - m) : TILE_ROWS;
+            if (kind == W_INT8) {
+                TILE_ROWS_OF(tile_f32, xm, K, wf, R, v)
+            } else {
+                TILE_ROWS_OF(tile_bf16, xm, K, pb, R, v)
+            }
+            tile_out(o, v, R, 1, m, b * PANEL_N);
+        }
+    }
+}
+
+/* y = (x @ w.T) * scale + bias, w in panels, scale and bias optional (NULL). Batches go in chunks of rows
+ * whose float32 input stays in cache while every panel passes over it. Returns 0, or -1 if a buffer could
+ * not be allocated. */
+static int linear(const void *x, int x_kind, const void *w, int kind, const float *scale, const float *bias,
+                  void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
+    float *buf = x_kind == F32 ? NULL : malloc(sizeof(float) * M * K);
+    if (x_kind != F32 && !buf) return -1;
+    const float *xf = rows_f32(x, x_kind, M * K, buf);
+    out_spec o = {scale, bias, y, y_kind, N, K};
+    int64_t panels = (N + PANEL_N - 1) / PANEL_N;
+    int64_t chunk = CHUNK_BYTES / ((int64_t)sizeof(float) * K) / TILE_ROWS * TILE_ROWS;
+    if (chunk < TILE_ROWS) chunk = TILE_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *wf = M > 2 && kind == W_INT8 ? malloc(sizeof(float) * K * PANEL_N) : NULL;
+        if (M > 2 && kind == W_INT8 && !wf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
+            int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+            if (m1 - m0 > 2) many_rows(&o, xf, m0, m1, w, kind, panels, wf);
+            else if (kind == W_BF16) few_rows_bf16(&o, xf + m0 * K, m0, (int)(m1 - m0), w, panels);
+            else few_rows_i8(&o, xf + m0 * K, m0, (int)(m1 - m0), w, panels);
+        }
+        free(wf);
+    }
+    free(buf);
+    return failed ? -1 : 0;
+}
+
+int loom_gemv_bf16(const void *x, int x_kind, const uint16_t *w, const float *scale, const float *bias,
+                   void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
+    return linear(x, x_kind, w, W_BF16, scale, bias, y, y_kind, M, N, K, nthreads);
+}
+
+int loom_gemv_int8(const void *x, int x_kind, const int8_t *w, const float *scale, const float *bias,
+                   void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
+    return linear(x, x_kind, w, W_INT8, scale, bias, y, y_kind, M, N, K, nthreads);
 }
 
 /* int4 (loom/layers/quant/int4.py): a 4-bit q in 0..15 stands for (q - 8) * scale + zero, scale and zero

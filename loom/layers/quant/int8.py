@@ -1,8 +1,8 @@
 """int8 weight-only quantization: one symmetric scale per output channel.
 
-Where loom's CPU kernels build (`cpu.available()`), up to `cpu.INT8_MAX_ROWS` rows run loom's int8
-kernel, which streams the int8 weight at memory bandwidth, and larger batches dequantize the weight per
-call (in C, `cpu.dequantize_int8`) for a float32 `F.linear`: both faster than torch's
+Where loom's CPU kernels build (`cpu.available()`), loom's int8 kernel multiplies any number of rows
+with the weight in its panels (`cpu.pack_panels`): it streams the int8 weight at memory bandwidth in
+decode steps and widens each panel once for the rows of a prefill chunk, faster than torch's
 `_weight_int8pack_mm` on the AVX2 machine we measure on (the table in loom/kernels/cpu.py), which runs
 elsewhere.
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from loom.layers.linear import Linear
 
 COMPUTE_DTYPE = torch.bfloat16
-# The kernel reads the weight in blocks of 8 input channels: other widths give wrong results or crash it.
+# torch's `_weight_int8pack_mm` (where loom's kernels do not build) crashes on other widths.
 IN_MULTIPLE = 8
 QMAX = 127  # symmetric: -127..127, so that -w quantizes to -q
 
@@ -57,30 +57,31 @@ class Int8(LinearMethod):
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
         q, scale = quantize_int8(layer.weight)
-        layer.register_buffer("qweight", q, persistent=False)  # [out, in] int8
+        if self.panels():
+            layer.register_buffer("qpanels", cpu.pack_panels(q), persistent=False)  # loom's kernel
+        else:
+            layer.register_buffer("qweight", q, persistent=False)  # [out, in]: torch's kernel, the twin
         layer.register_buffer("scales", scale, persistent=False)  # [out]
         layer.register_buffer("scales_fp32", scale.float(), persistent=False)  # what loom's kernel reads
         if not keep_weight:
             free_weight(layer)
 
+    def panels(self) -> bool:
+        """Whether the weight goes in loom's panels (loom's kernel runs) or stays [out, in]."""
+        return cpu.available()
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if cpu.available() and x.numel() <= cpu.INT8_MAX_ROWS * layer.in_features:
-            out = cpu.matmul(x.contiguous(), layer.qweight, layer.scales_fp32, via_bf16=True)
-            return out if layer.bias is None else out + layer.bias
-        rows = as_2d(x, COMPUTE_DTYPE)
-        if cpu.available():
-            out = F.linear(rows.float(), cpu.dequantize_int8(layer.qweight, layer.scales_fp32)).to(
-                COMPUTE_DTYPE
+        if self.panels():
+            out = cpu.matmul(
+                x.contiguous(), layer.qpanels, layer.out_features, layer.scales_fp32, via_bf16=True
             )
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(rows, layer.qweight, layer.scales)
+            return out if layer.bias is None else out + layer.bias
+        out = torch.ops.aten._weight_int8pack_mm(as_2d(x, COMPUTE_DTYPE), layer.qweight, layer.scales)
         return finish(out, x, layer.bias)
 
     def stack_linear(self, layer: Linear) -> StackLinear | None:
         # `apply` in a bf16 model: the kernel's bf16 result, plus the bf16 bias as torch adds it
-        return StackLinear(
-            layer.qweight, layer.scales_fp32, bias_after=layer.bias, max_rows=cpu.INT8_MAX_ROWS
-        )
+        return StackLinear(layer.qpanels, layer.scales_fp32, bias_after=layer.bias)
 
     def reference(self) -> LinearMethod:
         return Int8Reference()
@@ -91,6 +92,9 @@ class Int8Reference(Int8):
     result to bfloat16: the kernel's arithmetic, in plain PyTorch."""
 
     name = "int8-reference"
+
+    def panels(self) -> bool:
+        return False
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_int8(layer.qweight, layer.scales)

@@ -6,9 +6,11 @@ There, PyTorch's bf16 GEMM takes a slow path: measured on a 2-core AVX2 machine,
 float32, so a float32 GEMM on the widened values is a bf16 GEMM with float32 accumulation rounded once to
 bf16, as a native kernel computes it (up to summation order). Two ways to get there:
 
-- `Bf16Widened` (where loom's CPU kernels build, `cpu.available()`): the weight stays bf16; up to
-  `cpu.BF16_MAX_ROWS` rows (decode steps) loom's kernel widens it in registers, reading half the bytes of a
-  float32 copy; beyond (prefill chunks) the weight is widened per call for a float32 `F.linear`.
+- `Bf16Widened` (where loom's CPU kernels build, `cpu.available()`): the weight stays bf16, in loom's
+  panels of 16 output channels (`cpu.pack_panels`), and loom's kernel widens it in registers for any
+  number of rows: a decode step reads half the bytes of a float32 copy, and a prefill chunk runs at a
+  higher FMA rate than torch's float32 GEMM on the widened weight (the table in loom/kernels/cpu.py).
+  Each output is the same FMA chain whatever the batch, so a token's numbers do not depend on it.
 - `Float32Compute` (no C compiler): a float32 copy of the weight, twice the bf16 memory.
 
 The twin of both is `F.linear` on the bf16 weight.
@@ -51,20 +53,17 @@ class Bf16Widened(LinearMethod):
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
         # Plain tensors for the kernel (a Parameter's attribute reads cost microseconds each, per call).
-        layer.register_buffer("weight_bf16", layer.weight.detach(), persistent=False)
+        layer.register_buffer("weight_panels", cpu.pack_panels(layer.weight.detach()), persistent=False)
         bias = layer.bias.detach().float() if layer.bias is not None else None
         layer.register_buffer("bias_fp32", bias, persistent=False)
-        layer.gemv_rows = cpu.BF16_MAX_ROWS if layer.in_features % cpu.K_MULTIPLE == 0 else 0
+        if not keep_weight:
+            free_weight(layer)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= layer.gemv_rows * layer.in_features:
-            return cpu.matmul(x.contiguous(), layer.weight_bf16, bias=layer.bias_fp32)
-        return F.linear(x.float(), layer.weight_bf16.float(), layer.bias_fp32).to(x.dtype)
+        return cpu.matmul(x.contiguous(), layer.weight_panels, layer.out_features, bias=layer.bias_fp32)
 
     def stack_linear(self, layer: Linear) -> StackLinear | None:
-        if not layer.gemv_rows:
-            return None
-        return StackLinear(layer.weight_bf16, bias=layer.bias_fp32, max_rows=layer.gemv_rows)
+        return StackLinear(layer.weight_panels, bias=layer.bias_fp32)
 
     def reference(self) -> LinearMethod:
         return UNQUANTIZED
