@@ -9,7 +9,8 @@ as a float32 copy (twice the bytes) through its float32 GEMM, and `_weight_int8p
 compute-bound. gemv.c keeps bf16 and int8 weights in panels of 16 output channels (`pack_panels`) and
 widens them in registers, 6 rows to a tile; each output is one FMA chain over the input channels, the
 same for any batch. The int4 kernel quantizes the input to int8 and multiplies in integers (gemv.c says
-why); past `INT4_MAX_ROWS` rows int4 weights are dequantized per call for a float32 GEMM.
+why); past `INT4_MAX_ROWS` rows it dequantizes each panel of 16 output channels once and multiplies as
+the bf16 kernel does.
 `python benchmarks/cpu_kernels.py --threads 1` on the 2-vCPU AVX2 VM: the 12 layers of the 89M Llama,
 weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; "float32"
 is torch's GEMM on a float32 copy of the weight, the fastest torch has for a bf16 weight here):
@@ -38,9 +39,9 @@ from loom.kernels.build import available, library
 K_MULTIPLE = 8
 # The most rows the fused ops take.
 MAX_ROWS = 64
-# Where the int4 kernel and a per-call dequantized float32 GEMM break even (measured: int4 221 / 244 ms
-# per pass at 32 rows, 261 / 249 at 48).
-INT4_MAX_ROWS = 48
+# Where the int4 kernel's integer dots and its panel GEMM (each panel dequantized once) break even:
+# measured 87.6 / 85.6 ms per pass over the 89M model's linears at 12 rows, 109.8 / 108.1 at 16.
+INT4_MAX_ROWS = 16
 # Output channels per panel of a bf16 or int8 weight (NR in gemv.c).
 PANEL = 16
 # bf16 panels hold channel j in the low half of 32-bit lane j and channel j + 8 in the high half.
@@ -146,7 +147,9 @@ def matmul_int4(
     """x [..., K] times the int4 weight w [N, K / 2] (loom's packing, `pack_int4`) with bf16 scales and
     zeros [N, K / group_size], plus `bias` [N]: [..., N] in x's dtype (float32 or bf16). x is quantized
     to int8 per 32 values first (scale max|x| / 127, round half to even), as llama.cpp's q8_0: the
-    result is the exact product of the two dequantized operands, up to float32 summation order."""
+    result is the exact product of the two dequantized operands, up to float32 summation order. Up to
+    `INT4_MAX_ROWS` rows the products are integer dots; past it each panel of 16 output channels is
+    dequantized once and multiplied in float32 FMA chains, as the bf16 and int8 kernels do."""
     n, k = w.shape[0], 2 * w.shape[1]
     if x.dtype not in _KIND or not x.is_contiguous() or x.shape[-1] != k:
         raise ValueError(
@@ -164,33 +167,14 @@ def matmul_int4(
         raise ValueError(f"the kernels take a contiguous float32 bias [{n}]")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     kind = _KIND[x.dtype]
-    rc = library().loom_gemv_int4(
+    rows = x.numel() // k
+    kernel = library().loom_gemv_int4 if rows <= INT4_MAX_ROWS else library().loom_gemm_int4
+    rc = kernel(
         x.data_ptr(), kind, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, _ptr(bias),
-        out.data_ptr(), kind, x.numel() // k, n, k, torch.get_num_threads(),
+        out.data_ptr(), kind, rows, n, k, torch.get_num_threads(),
     )  # fmt: skip
     if rc:
         raise MemoryError("loom's int4 kernel could not allocate its input buffer")
-    return out
-
-
-def dequantize_int4(
-    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """The packed int4 weight w [N, K / 2] (`pack_int4`) with bf16 scales and zeros [N, K / group_size] as
-    float32 [N, K]: (q - 8) * scale + zero, bit-identical to loom.layers.quant.int4.dequantize_int4."""
-    n, k = w.shape[0], 2 * w.shape[1]
-    if w.dtype != torch.uint8 or not w.is_contiguous() or group_size % INT4_BLOCK or k % group_size:
-        raise ValueError("dequantize_int4 takes a contiguous uint8 weight and a group size dividing K")
-    for v in (scales, zeros):
-        if v.dtype != torch.bfloat16 or v.shape != (n, k // group_size) or not v.is_contiguous():
-            raise ValueError(
-                f"dequantize_int4 takes contiguous bf16 scales and zeros [{n}, {k // group_size}]"
-            )
-    out = torch.empty(n, k)
-    library().loom_dequantize_int4(
-        w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, out.data_ptr(), n, k,
-        torch.get_num_threads(),
-    )  # fmt: skip
     return out
 
 

@@ -108,7 +108,18 @@ static inline void tile_out(const out_spec *o, float v[TILE_ROWS][32], int R, in
 FEW_ROWS(few_rows_bf16, uint16_t, tile_bf16)
 FEW_ROWS(few_rows_i8, int8_t, tile_i8)
 
-enum { W_BF16 = 0, W_INT8 = 1 };
+enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };
+
+/* A weight as the row loops read it: bf16 or int8 panels, or int4 rows (loom's int4 layout, below) with
+ * their bf16 scales and zeros per group of G input channels. */
+typedef struct {
+    const void *w;
+    int kind;
+    const uint16_t *scale, *zero;
+    int64_t G;
+} weight_spec;
+
+static void dequantize_panel_int4(const weight_spec *ws, int64_t N, int64_t K, int64_t n0, float *wf);
 
 /* 6 rows at a time (R of them) against one panel: x rows from xm, tile function TILE on panel p. */
 #define TILE_ROWS_OF(TILE, xm, K, p, R, v)                                                             \
@@ -123,39 +134,42 @@ enum { W_BF16 = 0, W_INT8 = 1 };
 
 /* Rows m0 .. m1 - 1 (more than two), 6 at a time against each panel. bf16 panels are widened in
  * registers (a shift, a mask); int8 ones, whose widening takes more instructions than the FMAs can hide,
- * are widened once per panel into `wf` as float32 (exactly: int8 values are float32 values). */
-static void many_rows(const out_spec *o, const float *xf, int64_t m0, int64_t m1, const void *w, int kind,
+ * are widened once per panel into `wf` as float32 (exactly: int8 values are float32 values), and int4
+ * ones dequantized there (dequantize_panel_int4). */
+static void many_rows(const out_spec *o, const float *xf, int64_t m0, int64_t m1, const weight_spec *ws,
                       int64_t panels, float *wf) {
     int64_t K = o->K, n = K * PANEL_N;
     float v[TILE_ROWS][32];
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < panels; b++) {
-        const uint16_t *pb = (const uint16_t *)w + b * n;
-        if (kind == W_INT8) {
+        const uint16_t *pb = (const uint16_t *)ws->w + b * n;
+        if (ws->kind == W_INT8) {
             __m256 t[2];
             for (int64_t i = 0; i < n; i += PANEL_N) {
-                panel_i8((const int8_t *)w + b * n + i, t);
+                panel_i8((const int8_t *)ws->w + b * n + i, t);
                 _mm256_storeu_ps(wf + i, t[0]);
                 _mm256_storeu_ps(wf + i + 8, t[1]);
             }
+        } else if (ws->kind == W_INT4) {
+            dequantize_panel_int4(ws, o->N, K, b * PANEL_N, wf);
         }
         for (int64_t m = m0; m < m1; m += TILE_ROWS) {
             const float *xm = xf + m * K;
             int R = m1 - m < TILE_ROWS ? (int)(m1 - m) : TILE_ROWS;
-            if (kind == W_INT8) {
-                TILE_ROWS_OF(tile_f32, xm, K, wf, R, v)
-            } else {
+            if (ws->kind == W_BF16) {
                 TILE_ROWS_OF(tile_bf16, xm, K, pb, R, v)
+            } else {
+                TILE_ROWS_OF(tile_f32, xm, K, wf, R, v)
             }
             tile_out(o, v, R, 1, m, b * PANEL_N);
         }
     }
 }
 
-/* y = (x @ w.T) * scale + bias, w in panels, scale and bias optional (NULL). Batches go in chunks of rows
- * whose float32 input stays in cache while every panel passes over it. Returns 0, or -1 if a buffer could
- * not be allocated. */
-static int linear(const void *x, int x_kind, const void *w, int kind, const float *scale, const float *bias,
+/* y = (x @ w.T) * scale + bias, w in panels (int4: rows past the integer kernel's limit), scale and
+ * bias optional (NULL). Batches go in chunks of rows whose float32 input stays in cache while every panel
+ * passes over it. Returns 0, or -1 if a buffer could not be allocated. */
+static int linear(const void *x, int x_kind, const weight_spec *ws, const float *scale, const float *bias,
                   void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
     float *buf = x_kind == F32 ? NULL : malloc(sizeof(float) * M * K);
     if (x_kind != F32 && !buf) return -1;
@@ -164,20 +178,20 @@ static int linear(const void *x, int x_kind, const void *w, int kind, const floa
     int64_t panels = (N + PANEL_N - 1) / PANEL_N;
     int64_t chunk = CHUNK_BYTES / ((int64_t)sizeof(float) * K) / TILE_ROWS * TILE_ROWS;
     if (chunk < TILE_ROWS) chunk = TILE_ROWS;
-    int failed = 0;
+    int need_wf = ws->kind != W_BF16, failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *wf = M > 2 && kind == W_INT8 ? malloc(sizeof(float) * K * PANEL_N) : NULL;
-        if (M > 2 && kind == W_INT8 && !wf) {
+        float *wf = need_wf ? malloc(sizeof(float) * K * PANEL_N) : NULL;
+        if (need_wf && !wf) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
         for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
             int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
-            if (m1 - m0 > 2) many_rows(&o, xf, m0, m1, w, kind, panels, wf);
-            else if (kind == W_BF16) few_rows_bf16(&o, xf + m0 * K, m0, (int)(m1 - m0), w, panels);
-            else few_rows_i8(&o, xf + m0 * K, m0, (int)(m1 - m0), w, panels);
+            if (m1 - m0 > 2 || ws->kind == W_INT4) many_rows(&o, xf, m0, m1, ws, panels, wf);
+            else if (ws->kind == W_BF16) few_rows_bf16(&o, xf + m0 * K, m0, (int)(m1 - m0), ws->w, panels);
+            else few_rows_i8(&o, xf + m0 * K, m0, (int)(m1 - m0), ws->w, panels);
         }
         free(wf);
     }
@@ -187,12 +201,14 @@ static int linear(const void *x, int x_kind, const void *w, int kind, const floa
 
 int loom_gemv_bf16(const void *x, int x_kind, const uint16_t *w, const float *scale, const float *bias,
                    void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
-    return linear(x, x_kind, w, W_BF16, scale, bias, y, y_kind, M, N, K, nthreads);
+    weight_spec ws = {w, W_BF16, NULL, NULL, 0};
+    return linear(x, x_kind, &ws, scale, bias, y, y_kind, M, N, K, nthreads);
 }
 
 int loom_gemv_int8(const void *x, int x_kind, const int8_t *w, const float *scale, const float *bias,
                    void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
-    return linear(x, x_kind, w, W_INT8, scale, bias, y, y_kind, M, N, K, nthreads);
+    weight_spec ws = {w, W_INT8, NULL, NULL, 0};
+    return linear(x, x_kind, &ws, scale, bias, y, y_kind, M, N, K, nthreads);
 }
 
 /* int4 (loom/layers/quant/int4.py): a 4-bit q in 0..15 stands for (q - 8) * scale + zero, scale and zero
@@ -341,29 +357,79 @@ int loom_gemv_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *
     return 0;
 }
 
-/* The packed int4 weight [N, K / 2] dequantized to float32 [N, K], (q - 8) * scale + zero as
- * loom/layers/quant/int4.py's dequantize_int4 computes it, for the float32 GEMM of batches past the
- * kernel's row limit. */
-void loom_dequantize_int4(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int64_t G, float *out,
-                          int64_t N, int64_t K, int nthreads) {
-    int64_t groups = K / G;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t b = 0; b < K / Q8_BLOCK; b++) {
-            int64_t g = b * Q8_BLOCK / G;
-            __m256 s = _mm256_set1_ps(widen_bf16(scale[n * groups + g]));
-            __m256 z = _mm256_set1_ps(widen_bf16(zero[n * groups + g])), eight = _mm256_set1_ps(8.0f);
-            __m256i q = unpack32(w + n * (K / 2) + b * 16);
-            int8_t v[32];
-            _mm256_storeu_si256((__m256i *)v, q);
+/* r[c] (8 values of row c) becomes r[j] (value j of each row): the 8 x 8 transpose */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* Output channels n0 .. n0 + 15 of the packed int4 weight dequantized into a panel wf [K][16] (channels
+ * past N zero), each value (q - 8) * scale + zero as dequantize_int4 in loom/layers/quant/int4.py computes it: each 32 input channels of 8 output
+ * channels dequantized as rows, then transposed 8 x 8. */
+static void dequantize_panel_int4(const weight_spec *ws, int64_t N, int64_t K, int64_t n0, float *wf) {
+    int64_t groups = K / ws->G;
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int64_t b = 0; b < K / Q8_BLOCK; b++) {
+        int64_t g = b * Q8_BLOCK / ws->G;
+        for (int half = 0; half < 2; half++) {
+            __m256 v[4][8];
+            for (int c = 0; c < 8; c++) {
+                int64_t n = n0 + 8 * half + c;
+                if (n >= N) {
+                    for (int i = 0; i < 4; i++) v[i][c] = _mm256_setzero_ps();
+                    continue;
+                }
+                __m256 s = _mm256_set1_ps(widen_bf16(ws->scale[n * groups + g]));
+                __m256 z = _mm256_set1_ps(widen_bf16(ws->zero[n * groups + g]));
+                __m256i q = unpack32((const uint8_t *)ws->w + n * (K / 2) + b * 16);
+                __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+                __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                for (int i = 0; i < 4; i++) {
+                    __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+                    /* (q - 8) * scale is exact in float32: one rounding, as dequantize_int4's */
+                    v[i][c] = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(qf, eight), s), z);
+                }
+            }
             for (int i = 0; i < 4; i++) {
-                __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(v + 8 * i))));
-                /* (q - 8) * scale is exact in float32: one rounding, as dequantize_int4's */
-                __m256 v8 = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(qf, eight), s), z);
-                _mm256_storeu_ps(out + n * K + b * Q8_BLOCK + 8 * i, v8);
+                transpose8(v[i]);
+                for (int j = 0; j < 8; j++)
+                    _mm256_storeu_ps(wf + (b * Q8_BLOCK + 8 * i + j) * PANEL_N + 8 * half, v[i][j]);
             }
         }
     }
+}
+
+/* Batches past the int4 kernel's row limit: y = xq @ dequantize(w).T + bias, xq the input quantized to
+ * int8 per 32 values and dequantized (as the kernel's input: quantize_q8), in float32 FMA chains over each
+ * panel dequantized once. Returns 0, or -1 if out of memory. */
+int loom_gemm_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
+                   int64_t G, const float *bias, void *y, int y_kind, int64_t M, int64_t N, int64_t K,
+                   int nthreads) {
+    int64_t groups = K / G, nb = K / Q8_BLOCK;
+    float *buf = malloc(sizeof(float) * (2 * M * K + M * nb + M * groups) + M * K);
+    if (!buf) return -1;
+    const float *xf = rows_f32(x, x_kind, M * K, buf);
+    float *xd = buf + M * K, *d = xd + M * K, *dsum = d + M * nb;
+    int8_t *xq = (int8_t *)(dsum + M * groups);
+    quantize_q8(xf, M, K, G, xq, d, dsum);
+    for (int64_t i = 0; i < M * K; i++) xd[i] = (float)xq[i] * d[i / Q8_BLOCK];
+    weight_spec ws = {w, W_INT4, scale, zero, G};
+    int rc = linear(xd, F32, &ws, NULL, bias, y, y_kind, M, N, K, nthreads);
+    free(buf);
+    return rc;
 }
 
 #else

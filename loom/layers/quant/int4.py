@@ -2,12 +2,12 @@
 (asymmetric). A 4-bit value q in 0..15 stands for (q - 8) * scale + zero; scales and zeros are bf16.
 
 Where loom's CPU kernels build (`cpu.available()`), the weight is packed in loom's layout (`cpu.pack_int4`:
-32 values in 16 bytes) and multiplied by loom's int4 kernel (loom/kernels/gemv.c) up to
-`cpu.INT4_MAX_ROWS` rows; larger batches dequantize it per call for a float32 `F.linear`. Widening 4-bit
-weights to float32 costs more instructions than streaming them takes, so loom's path quantizes the
-activations too, to int8 per 32 values (`quantize_activations`, as llama.cpp's q4_0 x q8_0 dot does), and
-multiplies with integer dot products; the large-batch path quantizes them the same way, so every batch
-size computes one thing. That adds an error of about 0.5% of a product's norm to int4's own (~10%).
+32 values in 16 bytes) and multiplied by loom's int4 kernels (loom/kernels/gemv.c): up to
+`cpu.INT4_MAX_ROWS` rows with integer dot products, larger batches on each panel of 16 output channels
+dequantized once, in float32. Widening 4-bit weights to float32 costs more instructions than streaming
+them takes, so the small-batch kernel quantizes the activations too, to int8 per 32 values
+(`quantize_activations`, as llama.cpp's q4_0 x q8_0 dot does); the large-batch one quantizes them the
+same way, so every batch size computes one thing. That adds an error of about 0.5% of a product's norm to int4's own (~10%).
 
 Elsewhere torch's CPU kernels run, on unquantized bf16 activations: `_convert_weight_to_int4pack_for_cpu`
 packs the weight once, at load, in torch's own layout (which differs between CPU instruction sets), with
@@ -121,11 +121,8 @@ class Int4(LinearMethod):
             )
             if out.shape[-1] != layer.out_features:
                 out = out[:, : layer.out_features]
-        elif rows.shape[0] <= cpu.INT4_MAX_ROWS:
-            out = cpu.matmul_int4(rows, layer.qweight, layer.scales, layer.zeros, self.group_size)
         else:
-            w = cpu.dequantize_int4(layer.qweight, layer.scales, layer.zeros, self.group_size)
-            out = F.linear(quantize_activations(rows), w).to(COMPUTE_DTYPE)
+            out = cpu.matmul_int4(rows, layer.qweight, layer.scales, layer.zeros, self.group_size)
         return finish(out, x, layer.bias)
 
     def stack_linear(self, layer: Linear) -> StackLinear | None:
