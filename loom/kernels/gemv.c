@@ -182,7 +182,8 @@ static int linear(const void *x, int x_kind, const weight_spec *ws, const float 
     int64_t panels = (N + PANEL_N - 1) / PANEL_N;
     int64_t chunk = CHUNK_BYTES / ((int64_t)sizeof(float) * K) / TILE_ROWS * TILE_ROWS;
     if (chunk < TILE_ROWS) chunk = TILE_ROWS;
-    int need_wf = ws->kind != W_BF16, failed = 0;
+    /* a float32 panel buffer per thread: int4 always, int8 past two rows (bf16 widens in registers) */
+    int need_wf = ws->kind == W_INT4 || (ws->kind == W_INT8 && M > 2), failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float *wf = need_wf ? malloc(sizeof(float) * K * PANEL_N) : NULL;
