@@ -2,8 +2,8 @@
 
 A decode step of a small model on CPU spends as long calling its ~10 kernels per layer from Python as
 the kernels take (0.5-1 ms a layer here: module calls, argument checks, allocations, ctypes), so a small
-bf16 batch (within the linear methods' GEMV row limits) runs them from one C function instead
-(loom/kernels/decoder.c). The modules are its twin:
+bf16 batch (up to the fused ops' `cpu.MAX_ROWS` rows, and int4's integer-kernel limit) runs them from
+one C function instead (loom/kernels/decoder.c). The modules are its twin:
 
 - a batch of decode tokens gets the same arithmetic on the same values: the outputs and KV writes are
   bit-identical to the modules' (tests/kernels/test_decoder.py);
