@@ -7,7 +7,8 @@ Where loom's CPU kernels build (`cpu.available()`), the weight is packed in loom
 dequantized once, in float32. Widening 4-bit weights to float32 costs more instructions than streaming
 them takes, so the small-batch kernel quantizes the activations too, to int8 per 32 values
 (`quantize_activations`, as llama.cpp's q4_0 x q8_0 dot does); the large-batch one quantizes them the
-same way, so every batch size computes one thing. That adds an error of about 0.5% of a product's norm to int4's own (~10%).
+same way, so every batch size computes one thing. That adds an error of about 0.5% of a product's norm
+to int4's own (~10%).
 
 Elsewhere torch's CPU kernels run, on unquantized bf16 activations: `_convert_weight_to_int4pack_for_cpu`
 packs the weight once, at load, in torch's own layout (which differs between CPU instruction sets), with

@@ -96,6 +96,9 @@ class Int8Reference(Int8):
     def panels(self) -> bool:
         return False
 
+    def stack_linear(self, layer: Linear) -> StackLinear | None:
+        return None  # a twin is plain PyTorch: its model keeps the modules
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_int8(layer.qweight, layer.scales)
         out = F.linear(as_2d(x, COMPUTE_DTYPE).float(), w).to(COMPUTE_DTYPE)

@@ -107,6 +107,13 @@ def test_method_matches_twin_and_float(method, shape, dtype):
     torch.testing.assert_close(layer(x3), layer(x3.reshape(6, in_f)).reshape(2, 3, out_f))
 
 
+@pytest.mark.parametrize("method", METHODS, ids=ids)
+def test_twins_have_no_stack_form(method):
+    """A twin is plain PyTorch: a model built with twins keeps its modules, never the native stack."""
+    _, twin, _, _ = pair(method, 32, 128, torch.bfloat16)
+    assert twin.method.stack_linear(twin) is None
+
+
 def test_int8_quantization_is_within_half_a_step():
     w = torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different scales
     w[5] = 0  # an all-zero row
