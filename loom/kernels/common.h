@@ -84,6 +84,29 @@ static inline __m256 exp8(__m256 x) {
 static inline __m256 load8(const void *x, int kind, int64_t i) {
     return kind == BF16 ? load_bf16((const uint16_t *)x + i) : _mm256_loadu_ps((const float *)x + i);
 }
+
+/* 8 floats rounded to bf16 as round_bf16 does (nearest even, NaN kept NaN) */
+static inline __m128i round8_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    /* every lane is below 2^16: the saturating pack is exact */
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* 8 floats as a bf16 tensor holds them (rounded, widened back) */
+static inline __m256 as_bf16_8(__m256 v) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(round8_bf16(v)), 16));
+}
+
+/* 8 values stored as `kind` at y + i (bf16: rounded) */
+static inline void store8(void *y, int kind, int64_t i, __m256 v) {
+    if (kind == BF16) _mm_storeu_si128((__m128i *)((uint16_t *)y + i), round8_bf16(v));
+    else _mm256_storeu_ps((float *)y + i, v);
+}
 #endif
 
 #endif

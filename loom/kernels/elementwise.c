@@ -17,14 +17,27 @@ static inline float value(const void *x, int kind, int64_t i) {
 static inline float as_kind(float v, int kind) { return kind == BF16 ? widen_bf16(round_bf16(v)) : v; }
 
 /* RMSNorm rows of K: y = w * to_kind(h * rsqrt(mean(h^2) + eps)), h = x (float32), or with a residual
- * h = to_kind(x + residual), also written to sum_out (the next layer's residual). */
+ * h = to_kind(x + residual), also written to sum_out (the next layer's residual). Eight channels at a
+ * time (the squares summed in 8 lanes, then across them), the rest one by one. */
 void loom_rms_norm(const void *x, const void *residual, const void *w, void *y, void *sum_out, int kind,
                    int64_t M, int64_t K, float eps, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         float h[K > 0 ? K : 1];
-        float ss = 0;
-        for (int64_t k = 0; k < K; k++) {
+        __m256 ss8 = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = load8(x, kind, m * K + k);
+            if (residual) {
+                v = _mm256_add_ps(v, load8(residual, kind, m * K + k));
+                if (kind == BF16) v = as_bf16_8(v);
+                store8(sum_out, kind, m * K + k, v);
+            }
+            _mm256_storeu_ps(h + k, v);
+            ss8 = _mm256_add_ps(ss8, _mm256_mul_ps(v, v));
+        }
+        float ss = hsum(ss8);
+        for (; k < K; k++) {
             float v = value(x, kind, m * K + k);
             if (residual) {
                 v = as_kind(v + value(residual, kind, m * K + k), kind);
@@ -34,7 +47,13 @@ void loom_rms_norm(const void *x, const void *residual, const void *w, void *y, 
             ss += v * v;
         }
         float r = 1.0f / sqrtf(ss / (float)K + eps);
-        for (int64_t k = 0; k < K; k++) store(y, kind, m * K + k, value(w, kind, k) * as_kind(h[k] * r, kind));
+        __m256 r8 = _mm256_set1_ps(r);
+        for (k = 0; k + 8 <= K; k += 8) {
+            __m256 n = _mm256_mul_ps(_mm256_loadu_ps(h + k), r8);
+            if (kind == BF16) n = as_bf16_8(n);
+            store8(y, kind, m * K + k, _mm256_mul_ps(load8(w, kind, k), n));
+        }
+        for (; k < K; k++) store(y, kind, m * K + k, value(w, kind, k) * as_kind(h[k] * r, kind));
     }
 }
 
@@ -47,10 +66,8 @@ void loom_silu_and_mul(const void *x, void *y, int kind, int64_t M, int64_t I, i
         for (; i + 8 <= I; i += 8) {
             __m256 g = load8(x, kind, m * 2 * I + i), u = load8(x, kind, m * 2 * I + I + i);
             __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-            float s[8], uf[8];
-            _mm256_storeu_ps(s, _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-            _mm256_storeu_ps(uf, u);
-            for (int j = 0; j < 8; j++) store(y, kind, m * I + i + j, as_kind(s[j], kind) * uf[j]);
+            __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            store8(y, kind, m * I + i, _mm256_mul_ps(kind == BF16 ? as_bf16_8(s) : s, u));
         }
         for (; i < I; i++) {
             float g = value(x, kind, m * 2 * I + i), u = value(x, kind, m * 2 * I + I + i);
