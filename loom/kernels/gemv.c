@@ -9,13 +9,14 @@
  * token, a verified draft token and the same token in a prefill chunk get the same bits.
  *
  * A tile is up to 6 rows against one panel (12 accumulators; each weight load serves 6 rows, each
- * broadcast input value 16 channels); one or two rows (decode steps, bound by how fast the weights
- * stream from memory) go against two panels at a time. Past two rows an int8 panel is widened once into
- * a float32 buffer (its widening costs more instructions than the FMAs can hide), a bf16 one in
- * registers at each use (a shift and a mask). Panels are split between OpenMP threads; batches too large
- * for the cache go in chunks of rows. Measured against torch's float32 GEMM on a float32 copy of the
- * weight, the table in cpu.py. Built by loom/kernels/build.py with -march=native; without AVX2 and FMA
- * only loom_native() is useful (it returns 0 and the Python side falls back to torch).
+ * broadcast input value 16 channels); decode steps, bound by how fast the weights stream from memory,
+ * take one row against four panels at a time, or two rows against two. Past two rows an int8 panel is
+ * widened once into a float32 buffer (its widening costs more instructions than the FMAs can hide), a
+ * bf16 one in registers at each use (a shift and a mask). Panels are split between OpenMP threads;
+ * batches too large for the cache go in chunks of rows. Measured against torch's float32 GEMM on a
+ * float32 copy of the weight: the table in cpu.py. Built by loom/kernels/build.py with -march=native;
+ * without AVX2 and FMA only loom_native() is useful (it returns 0 and the Python side falls back to
+ * torch).
  */
 #include "common.h"
 
