@@ -325,16 +325,32 @@ static inline __attribute__((always_inline)) void dot_i4(const int8_t *xq, const
 
 /* y = quantize_q8(x) @ dequantize(w).T + bias: w [N, K / 2] packed as above, scales and zeros
  * [N, K / G] bf16, K % G == 0, G % 32 == 0 (checked by the caller). Returns 0, or -1 if out of memory. */
+/* The int4 kernels' input: x as float32 rows (in buf, unless x is float32 already), then quantized by
+ * quantize_q8 into xq, d and dsum, all in one allocation (buf; NULL if out of memory). */
+typedef struct {
+    float *buf, *d, *dsum;
+    int8_t *xq;
+} q8_input;
+
+static q8_input quantize_input(const void *x, int x_kind, int64_t M, int64_t K, int64_t G) {
+    int64_t groups = K / G, nb = K / Q8_BLOCK;
+    q8_input q = {malloc(sizeof(float) * (M * K + M * nb + M * groups) + M * K), NULL, NULL, NULL};
+    if (!q.buf) return q;
+    const float *xf = rows_f32(x, x_kind, M * K, q.buf);
+    q.d = q.buf + M * K, q.dsum = q.d + M * nb;
+    q.xq = (int8_t *)(q.dsum + M * groups);
+    quantize_q8(xf, M, K, G, q.xq, q.d, q.dsum);
+    return q;
+}
+
 int loom_gemv_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
                    int64_t G, const float *bias, void *y, int y_kind, int64_t M, int64_t N, int64_t K,
                    int nthreads) {
     int64_t groups = K / G, nb = K / Q8_BLOCK;
-    float *buf = malloc(sizeof(float) * (M * K + M * nb + M * groups) + M * K);
-    if (!buf) return -1;
-    const float *xf = rows_f32(x, x_kind, M * K, buf);
-    float *d = buf + M * K, *dsum = d + M * nb;
-    int8_t *xq = (int8_t *)(dsum + M * groups);
-    quantize_q8(xf, M, K, G, xq, d, dsum);
+    q8_input q = quantize_input(x, x_kind, M, K, G);
+    if (!q.buf) return -1;
+    const float *d = q.d, *dsum = q.dsum;
+    const int8_t *xq = q.xq;
     int64_t blocks = (N + 3) / 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
@@ -359,7 +375,7 @@ int loom_gemv_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *
                 }
         }
     }
-    free(buf);
+    free(q.buf);
     return 0;
 }
 
@@ -424,17 +440,14 @@ static void dequantize_panel_int4(const weight_spec *ws, int64_t N, int64_t K, i
 int loom_gemm_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
                    int64_t G, const float *bias, void *y, int y_kind, int64_t M, int64_t N, int64_t K,
                    int nthreads) {
-    int64_t groups = K / G, nb = K / Q8_BLOCK;
-    float *buf = malloc(sizeof(float) * (2 * M * K + M * nb + M * groups) + M * K);
-    if (!buf) return -1;
-    const float *xf = rows_f32(x, x_kind, M * K, buf);
-    float *xd = buf + M * K, *d = xd + M * K, *dsum = d + M * nb;
-    int8_t *xq = (int8_t *)(dsum + M * groups);
-    quantize_q8(xf, M, K, G, xq, d, dsum);
-    for (int64_t i = 0; i < M * K; i++) xd[i] = (float)xq[i] * d[i / Q8_BLOCK];
+    q8_input q = quantize_input(x, x_kind, M, K, G);
+    if (!q.buf) return -1;
+    /* the dequantized input xq * d, over the float32 rows quantize_input no longer needs */
+    float *xd = q.buf;
+    for (int64_t i = 0; i < M * K; i++) xd[i] = (float)q.xq[i] * q.d[i / Q8_BLOCK];
     weight_spec ws = {w, W_INT4, scale, zero, G};
     int rc = linear(xd, F32, &ws, NULL, bias, y, y_kind, M, N, K, nthreads);
-    free(buf);
+    free(q.buf);
     return rc;
 }
 
