@@ -97,9 +97,8 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [p, i32, p, p, p, p, i32, i64, i64, i64, i32]
         getattr(lib, name).restype = i32
     # x, x_kind, w, scale, zero, group_size, bias, y, y_kind, M, N, K, nthreads -> 0 or -1
-    for name in ("loom_gemv_int4", "loom_gemm_int4"):
-        getattr(lib, name).argtypes = [p, i32, p, p, p, i64, p, p, i32, i64, i64, i64, i32]
-        getattr(lib, name).restype = i32
+    lib.loom_gemv_int4.argtypes = [p, i32, p, p, p, i64, p, p, i32, i64, i64, i64, i32]
+    lib.loom_gemv_int4.restype = i32
     f32 = ctypes.c_float
     # q, k_cache, v_cache, block_table, seq_lens, out, kind, S, H, KvH, D, num_blocks, block_size,
     # max_blocks, scale, nthreads -> 0 or -1

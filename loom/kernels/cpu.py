@@ -9,8 +9,9 @@ as a float32 copy (twice the bytes) through its float32 GEMM, and `_weight_int8p
 compute-bound. gemv.c keeps bf16 and int8 weights in panels of 16 output channels (`pack_panels`) and
 widens them in registers, 6 rows to a tile; each output is one FMA chain over the input channels, the
 same for any batch. The int4 kernel quantizes the input to int8 and multiplies in integers (gemv.c says
-why); past `INT4_MAX_ROWS` rows it dequantizes each panel of 16 output channels once and multiplies as
-the bf16 kernel does.
+why), blocks of 8 output channels interleaved so that the scales and outputs are vectors too; it beats
+dequantizing to float32 at every batch size measured (1-512 rows), and each row's result is the same in
+any batch as well.
 `python benchmarks/cpu_kernels.py --threads 1` on the 2-vCPU AVX2 VM: the 12 layers of the 89M Llama,
 weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; "float32"
 is torch's GEMM on a float32 copy of the weight, the fastest torch has for a bf16 weight here):
@@ -40,15 +41,13 @@ from loom.kernels.build import available, library
 K_MULTIPLE = 8
 # The most rows the fused ops take.
 MAX_ROWS = 64
-# Where the int4 kernel's integer dots and its panel GEMM (each panel dequantized once) break even:
-# measured 87.6 / 85.6 ms per pass over the 89M model's linears at 12 rows, 109.8 / 108.1 at 16.
-INT4_MAX_ROWS = 16
 # Output channels per panel of a bf16 or int8 weight (NR in gemv.c).
 PANEL = 16
 # bf16 panels hold channel j in the low half of 32-bit lane j and channel j + 8 in the high half.
 _BF16_LANES = torch.tensor([c for j in range(8) for c in (j, j + 8)])
-# The int4 kernel's unit: 32 input channels in 16 bytes (a group is a whole number of them).
+# The int4 kernel's unit: 32 input channels (a group is a whole number of them) of 8 output channels.
 INT4_BLOCK = 32
+INT4_BLOCK_N = 8
 # Query heads per kv head the attention kernel handles (MAX_G in attention.c).
 MAX_QUERIES_PER_KV = 16
 
@@ -143,34 +142,39 @@ def matmul_int4(
     scales: torch.Tensor,
     zeros: torch.Tensor,
     group_size: int,
+    n: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] times the int4 weight w [N, K / 2] (loom's packing, `pack_int4`) with bf16 scales and
-    zeros [N, K / group_size], plus `bias` [N]: [..., N] in x's dtype (float32 or bf16). x is quantized
-    to int8 per 32 values first (scale max|x| / 127, round half to even), as llama.cpp's q8_0: the
-    result is the exact product of the two dequantized operands, up to float32 summation order. Up to
-    `INT4_MAX_ROWS` rows the products are integer dots; past it each panel of 16 output channels is
-    dequantized once and multiplied in float32 FMA chains, as the bf16 and int8 kernels do."""
-    n, k = w.shape[0], 2 * w.shape[1]
+    """x [..., K] times the int4 weight of `n` output channels in loom's layout (`pack_int4`: w
+    [ceil(n / 8), K / 32, 128] uint8, scales and zeros [ceil(n / 8), K / group_size, 8] bf16), plus `bias`
+    [n]: [..., n] in x's dtype (float32 or bf16). x is quantized to int8 per 32 values first (scale
+    max|x| / 127, round half to even), as llama.cpp's q8_0: the result is the exact product of the two
+    dequantized operands, up to float32 summation order; each row's the same in any batch."""
+    blocks = -(-n // INT4_BLOCK_N)
+    if w.dim() != 3 or w.shape[0] != blocks or w.shape[2] != 4 * INT4_BLOCK:
+        raise ValueError(
+            f"the int4 kernel takes a weight [{blocks}, K / {INT4_BLOCK}, {4 * INT4_BLOCK}] (pack_int4)"
+        )
+    k = w.shape[1] * INT4_BLOCK
     if x.dtype not in _KIND or not x.is_contiguous() or x.shape[-1] != k:
         raise ValueError(
             f"the kernels take a contiguous float32 or bf16 x [..., {k}], got {x.dtype} {tuple(x.shape)}"
         )
     if w.dtype != torch.uint8 or not w.is_contiguous() or group_size % INT4_BLOCK or k % group_size:
         raise ValueError(
-            f"the int4 kernel takes a contiguous uint8 weight [N, K / 2] and a group size that is a "
-            f"multiple of {INT4_BLOCK} and divides K"
+            f"the int4 kernel takes a contiguous uint8 weight and a group size that is a multiple of "
+            f"{INT4_BLOCK} and divides K"
         )
+    shape = (blocks, k // group_size, INT4_BLOCK_N)
     for name, v in (("scales", scales), ("zeros", zeros)):
-        if v.dtype != torch.bfloat16 or v.shape != (n, k // group_size) or not v.is_contiguous():
-            raise ValueError(f"the int4 kernel takes contiguous bf16 {name} [{n}, {k // group_size}]")
+        if v.dtype != torch.bfloat16 or v.shape != shape or not v.is_contiguous():
+            raise ValueError(f"the int4 kernel takes contiguous bf16 {name} {list(shape)}")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError(f"the kernels take a contiguous float32 bias [{n}]")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     kind = _KIND[x.dtype]
     rows = x.numel() // k
-    kernel = library().loom_gemv_int4 if rows <= INT4_MAX_ROWS else library().loom_gemm_int4
-    rc = kernel(
+    rc = library().loom_gemv_int4(
         x.data_ptr(), kind, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size, _ptr(bias),
         out.data_ptr(), kind, rows, n, k, torch.get_num_threads(),
     )  # fmt: skip
@@ -179,14 +183,43 @@ def matmul_int4(
     return out
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] in 0..15 (K % 32 == 0) in loom's int4 layout, [N, K / 2]: each 32 values of a row
-    in 16 bytes, byte j holding value j in its low nibble and value j + 16 in its high one."""
+def pack_int4(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q uint8 [N, K] in 0..15 (K % 32 == 0) with its bf16 scales and zeros [N, K / G] in loom's int4
+    layout (gemv.c): output channels in blocks of 8, the last padded (q 8, scale and zero 0); w
+    [ceil(N / 8), K / 32, 128], byte 32 j + 4 c + i of input block b holding channel c's value 32 b + 4 j + i
+    in its low nibble and 32 b + 16 + 4 j + i in its high one; scales and zeros [ceil(N / 8), K / G, 8]."""
     n, k = q.shape
     if k % INT4_BLOCK:
         raise ValueError(f"pack_int4 takes rows of a multiple of {INT4_BLOCK} values")
-    blocks = q.reshape(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)  # [N, K / 32, (low, high), 16]
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    pad = -n % INT4_BLOCK_N
+    if pad:
+        q = torch.cat([q, q.new_full((pad, k), 8)])
+        scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+    blocks = (n + pad) // INT4_BLOCK_N
+    # [block, c, b, (low, high), j, i] -> [block, b, j, c, i], low | high << 4
+    v = q.reshape(blocks, INT4_BLOCK_N, k // INT4_BLOCK, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
+    w = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(blocks, k // INT4_BLOCK, 4 * INT4_BLOCK).contiguous()
+
+    def by_block(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(blocks, INT4_BLOCK_N, -1).transpose(1, 2).contiguous()
+
+    return w, by_block(scales), by_block(zeros)
+
+
+def unpack_int4(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack_int4` undone: q [n, K], scales and zeros [n, K / G]."""
+    blocks, nb, _ = w.shape
+    v = torch.stack([w & 0x0F, w >> 4], dim=2).reshape(blocks, nb, 2, 4, INT4_BLOCK_N, 4)
+    q = v.permute(0, 4, 1, 2, 3, 5).reshape(blocks * INT4_BLOCK_N, nb * INT4_BLOCK)
+
+    def by_channel(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(blocks * INT4_BLOCK_N, -1)[:n]
+
+    return q[:n], by_channel(scales), by_channel(zeros)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

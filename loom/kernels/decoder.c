@@ -44,9 +44,9 @@ void loom_rotary(const void *x, int64_t x_stride, void *y, const void *cos, cons
  * torch adds two bf16 tensors (in float32, rounded once). Layouts match loom/kernels/decoder.py. */
 enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };
 typedef struct {
-    const void *weight;         /* [N, K] bf16 or int8, or [N, K / 2] packed int4 */
-    const void *scale;          /* int8: [N] float32; int4: [N, K / group_size] bf16; bf16: NULL */
-    const uint16_t *zero;       /* int4: [N, K / group_size] bf16, else NULL */
+    const void *weight;         /* bf16 or int8 panels, or int4 blocks of 8 output channels (gemv.c) */
+    const void *scale;          /* int8: [N] float32; int4: [N / 8, K / group_size, 8] bf16; bf16: NULL */
+    const uint16_t *zero;       /* int4: as its scales, else NULL */
     const float *bias;          /* [N] float32, added before rounding, or NULL */
     const uint16_t *bias_after; /* [N] bf16, added after rounding, or NULL */
     int64_t out_features, group_size;

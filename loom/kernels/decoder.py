@@ -72,8 +72,8 @@ class _Stack(ctypes.Structure):
 class StackLinear:
     """One linear as its LinearMethod holds it: a bf16 weight in panels (`cpu.pack_panels`) with an
     optional float32 `bias` added before rounding (Bf16Widened); an int8 weight in panels with float32
-    `scales` [N] (Int8), or a packed int4 one (`cpu.pack_int4`) with bf16 `scales` and `zeros`
-    [N, K / group_size] (Int4), each with an optional bf16 `bias_after` added after rounding."""
+    `scales` [N] (Int8), or an int4 one with bf16 `scales` and `zeros` in blocks of 8 output channels
+    (`cpu.pack_int4`; Int4), each with an optional bf16 `bias_after` added after rounding."""
 
     weight: torch.Tensor
     scales: torch.Tensor | None = None
@@ -114,11 +114,16 @@ class StackShape:
 def _linear(lin: StackLinear, n: int, k: int) -> _Linear:
     w = lin.weight
     kind = {torch.bfloat16: _BF16, torch.int8: _INT8, torch.uint8: _INT4}.get(w.dtype)
-    shape = (n, k // 2) if kind == _INT4 else (-(-n // cpu.PANEL), k, cpu.PANEL)
+    int4_blocks = -(-n // cpu.INT4_BLOCK_N)
+    shape = (
+        (int4_blocks, k // cpu.INT4_BLOCK, 4 * cpu.INT4_BLOCK)
+        if kind == _INT4
+        else (-(-n // cpu.PANEL), k, cpu.PANEL)
+    )
     if kind is None or w.shape != shape or not w.is_contiguous():
         raise ValueError(
             f"a stack linear takes a bf16 or int8 weight [{n}, {k}] in panels (cpu.pack_panels), "
-            f"or int4 [{n}, {k // 2}]"
+            f"or an int4 one in blocks of {cpu.INT4_BLOCK_N} output channels (cpu.pack_int4)"
         )
     if (kind == _BF16) != (lin.scales is None) or (kind == _INT4) != (lin.zeros is not None):
         raise ValueError("int8 and int4 weights, and only they, come with scales; int4 ones with zeros too")
@@ -129,7 +134,9 @@ def _linear(lin: StackLinear, n: int, k: int) -> _Linear:
                 f"an int4 stack linear's group size is a multiple of {cpu.INT4_BLOCK} dividing {k}"
             )
         groups = k // lin.group_size
-    scale_shape, scale_dtype = ((n, groups), torch.bfloat16) if kind == _INT4 else ((n,), torch.float32)
+    scale_shape, scale_dtype = (
+        ((int4_blocks, groups, cpu.INT4_BLOCK_N), torch.bfloat16) if kind == _INT4 else ((n,), torch.float32)
+    )
     for name, t, dtype, shape in (
         ("scales", lin.scales, scale_dtype, scale_shape),
         ("zeros", lin.zeros, scale_dtype, scale_shape),

@@ -113,18 +113,7 @@ static inline void tile_out(const out_spec *o, float v[TILE_ROWS][64], int R, in
 FEW_ROWS(few_rows_bf16, uint16_t, tile_bf16)
 FEW_ROWS(few_rows_i8, int8_t, tile_i8)
 
-enum { W_BF16 = 0, W_INT8 = 1, W_INT4 = 2 };
-
-/* A weight as the row loops read it: bf16 or int8 panels, or int4 rows (loom's int4 layout, below) with
- * their bf16 scales and zeros per group of G input channels. */
-typedef struct {
-    const void *w;
-    int kind;
-    const uint16_t *scale, *zero;
-    int64_t G;
-} weight_spec;
-
-static void dequantize_panel_int4(const weight_spec *ws, int64_t N, int64_t K, int64_t n0, float *wf);
+enum { W_BF16 = 0, W_INT8 = 1 };
 
 /* 6 rows at a time (R of them) against one panel: x rows from xm, tile function TILE on panel p. */
 #define TILE_ROWS_OF(TILE, xm, K, p, R, v)                                                             \
@@ -139,29 +128,26 @@ static void dequantize_panel_int4(const weight_spec *ws, int64_t N, int64_t K, i
 
 /* Rows m0 .. m1 - 1 (more than two), 6 at a time against each panel. bf16 panels are widened in
  * registers (a shift, a mask); int8 ones, whose widening takes more instructions than the FMAs can hide,
- * are widened once per panel into `wf` as float32 (exactly: int8 values are float32 values), and int4
- * ones dequantized there (dequantize_panel_int4). */
-static void many_rows(const out_spec *o, const float *xf, int64_t m0, int64_t m1, const weight_spec *ws,
+ * are widened once per panel into `wf` as float32 (exactly: int8 values are float32 values). */
+static void many_rows(const out_spec *o, const float *xf, int64_t m0, int64_t m1, const void *w, int kind,
                       int64_t panels, float *wf) {
     int64_t K = o->K, n = K * PANEL_N;
     float v[TILE_ROWS][64];
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < panels; b++) {
-        const uint16_t *pb = (const uint16_t *)ws->w + b * n;
-        if (ws->kind == W_INT8) {
+        const uint16_t *pb = (const uint16_t *)w + b * n;
+        if (kind == W_INT8) {
             __m256 t[2];
             for (int64_t i = 0; i < n; i += PANEL_N) {
-                panel_i8((const int8_t *)ws->w + b * n + i, t);
+                panel_i8((const int8_t *)w + b * n + i, t);
                 _mm256_storeu_ps(wf + i, t[0]);
                 _mm256_storeu_ps(wf + i + 8, t[1]);
             }
-        } else if (ws->kind == W_INT4) {
-            dequantize_panel_int4(ws, o->N, K, b * PANEL_N, wf);
         }
         for (int64_t m = m0; m < m1; m += TILE_ROWS) {
             const float *xm = xf + m * K;
             int R = m1 - m < TILE_ROWS ? (int)(m1 - m) : TILE_ROWS;
-            if (ws->kind == W_BF16) {
+            if (kind == W_BF16) {
                 TILE_ROWS_OF(tile_bf16, xm, K, pb, R, v)
             } else {
                 TILE_ROWS_OF(tile_f32, xm, K, wf, R, v)
@@ -171,10 +157,9 @@ static void many_rows(const out_spec *o, const float *xf, int64_t m0, int64_t m1
     }
 }
 
-/* y = (x @ w.T) * scale + bias, w in panels (int4: rows past the integer kernel's limit), scale and
- * bias optional (NULL). Batches go in chunks of rows whose float32 input stays in cache while every panel
+/* y = (x @ w.T) * scale + bias, w bf16 or int8 panels, scale and bias optional (NULL). Batches go in chunks of rows whose float32 input stays in cache while every panel
  * passes over it. Returns 0, or -1 if a buffer could not be allocated. */
-static int linear(const void *x, int x_kind, const weight_spec *ws, const float *scale, const float *bias,
+static int linear(const void *x, int x_kind, const void *w, int kind, const float *scale, const float *bias,
                   void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
     float *buf = x_kind == F32 ? NULL : malloc(sizeof(float) * M * K);
     if (x_kind != F32 && !buf) return -1;
@@ -183,8 +168,8 @@ static int linear(const void *x, int x_kind, const weight_spec *ws, const float 
     int64_t panels = (N + PANEL_N - 1) / PANEL_N;
     int64_t chunk = CHUNK_BYTES / ((int64_t)sizeof(float) * K) / TILE_ROWS * TILE_ROWS;
     if (chunk < TILE_ROWS) chunk = TILE_ROWS;
-    /* a float32 panel buffer per thread: int4 always, int8 past two rows (bf16 widens in registers) */
-    int need_wf = ws->kind == W_INT4 || (ws->kind == W_INT8 && M > 2), failed = 0;
+    /* a float32 panel buffer per thread: int8 past two rows (bf16 widens in registers) */
+    int need_wf = kind == W_INT8 && M > 2, failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float *wf = need_wf ? malloc(sizeof(float) * K * PANEL_N) : NULL;
@@ -195,9 +180,9 @@ static int linear(const void *x, int x_kind, const weight_spec *ws, const float 
 #pragma omp barrier
         for (int64_t m0 = 0; m0 < M && !failed; m0 += chunk) {
             int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
-            if (m1 - m0 > 2 || ws->kind == W_INT4) many_rows(&o, xf, m0, m1, ws, panels, wf);
-            else if (ws->kind == W_BF16) few_rows_bf16(&o, xf + m0 * K, m0, (int)(m1 - m0), ws->w, panels);
-            else few_rows_i8(&o, xf + m0 * K, m0, (int)(m1 - m0), ws->w, panels);
+            if (m1 - m0 > 2) many_rows(&o, xf, m0, m1, w, kind, panels, wf);
+            else if (kind == W_BF16) few_rows_bf16(&o, xf + m0 * K, m0, (int)(m1 - m0), w, panels);
+            else few_rows_i8(&o, xf + m0 * K, m0, (int)(m1 - m0), w, panels);
         }
         free(wf);
     }
@@ -207,31 +192,44 @@ static int linear(const void *x, int x_kind, const weight_spec *ws, const float 
 
 int loom_gemv_bf16(const void *x, int x_kind, const uint16_t *w, const float *scale, const float *bias,
                    void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
-    weight_spec ws = {w, W_BF16, NULL, NULL, 0};
-    return linear(x, x_kind, &ws, scale, bias, y, y_kind, M, N, K, nthreads);
+    return linear(x, x_kind, w, W_BF16, scale, bias, y, y_kind, M, N, K, nthreads);
 }
 
 int loom_gemv_int8(const void *x, int x_kind, const int8_t *w, const float *scale, const float *bias,
                    void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
-    weight_spec ws = {w, W_INT8, NULL, NULL, 0};
-    return linear(x, x_kind, &ws, scale, bias, y, y_kind, M, N, K, nthreads);
+    return linear(x, x_kind, w, W_INT8, scale, bias, y, y_kind, M, N, K, nthreads);
 }
 
 /* int4 (loom/layers/quant/int4.py): a 4-bit q in 0..15 stands for (q - 8) * scale + zero, scale and zero
- * per (output channel, group of G input channels). Each 32 input channels of a row are 16 bytes: byte j
- * holds q[j] in its low nibble and q[j + 16] in its high one.
+ * per (output channel, group of G input channels).
  *
  * Widening 4-bit weights to float32 costs more instructions than streaming them costs time (a float
  * path ran no faster than the int8 kernel), so the input is quantized too, as llama.cpp's q4_0 x q8_0 dot
- * does: each 32 input values get a scale d = max|x| / 127 and int8 values xq = round(x / d), and a block
- * of 32 products is one integer dot (maddubs). The result is exactly the product of the dequantized
- * weight and the dequantized input (xq * d) up to float32 summation order:
- *   sum over groups of  scale * sum_b d_b ((q - 8) . xq)_b  +  zero * sum_b d_b sum(xq_b). */
+ * does: each 32 input values get a scale d = max|x| / 127 and int8 values xq = round(x / d), and 32
+ * products are integer dots (maddubs). The result is exactly the product of the dequantized weight and
+ * the dequantized input (xq * d) up to float32 summation order:
+ *   sum over blocks b of  scale * d_b ((q - 8) . xq)_b  +  sum over groups of  zero * sum_b d_b sum(xq_b).
+ *
+ * Layout (cpu.py's pack_int4): output channels in blocks of 8 (the last padded with q = 8, scale and zero
+ * 0), each block's 32 input channels b in 128 bytes: byte 32 j + 4 c + i holds channel c's q[32 b + 4 j + i]
+ * in its low nibble and q[32 b + 16 + 4 j + i] in its high one. So each of the four 32-byte loads holds
+ * 4 input channels of all 8 output channels, one per 32-bit lane: against 4 input values broadcast to
+ * every lane, a maddubs and a madd give the 8 channels' dots side by side, and the scales, the zero
+ * points and the output are vectors of 8 channels too ([N / 8][K / G][8] bf16), with no horizontal sums.
+ * This is the row interleaving llama.cpp's repacked q4_0 uses on x86, in our own arrangement. */
 #define Q8_BLOCK 32
+#define I4_BLOCK_N 8 /* output channels per block */
+#define I4_TOKENS 4  /* most input rows per pass over a block's weights */
+/* Bytes ahead a decode row prefetches the weights (its block's are contiguous): 8 input blocks. */
+#define I4_PREFETCH 1024
+/* Rows per chunk: a chunk's int8 input stays in L2 while every block of weights passes over it. */
+#define I4_CHUNK_BYTES (192 << 10)
 
-/* Rows of x (M x K float32) as int8 blocks of 32 with their scales d [M, K / 32], and per group of G the
- * sums of the dequantized input, sum_b d_b sum(xq_b) [M, K / G]. */
-static void quantize_q8(const float *x, int64_t M, int64_t K, int64_t G, int8_t *xq, float *d, float *dsum) {
+/* Rows of x (M x K float32) as int8 blocks of 32 with their scales d [M, K / 32] and 8 * sum(xq) per
+ * block (the 8 of q - 8, subtracted in integers: no float cancellation between q . xq and 8 sum(xq)),
+ * and per group of G the sums of the dequantized input, sum_b d_b sum(xq_b) [M, K / G]. */
+static void quantize_q8(const float *x, int64_t M, int64_t K, int64_t G, int8_t *xq, float *d, int32_t *eight,
+                        float *dsum) {
     int64_t nb = M * K / Q8_BLOCK, per_group = G / Q8_BLOCK;
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * Q8_BLOCK;
@@ -253,202 +251,113 @@ static void quantize_q8(const float *x, int64_t M, int64_t K, int64_t G, int8_t 
             }
         }
         d[b] = db;
+        eight[b] = 8 * sum;
         if (b % per_group == 0) dsum[b / per_group] = 0;
         dsum[b / per_group] += db * (float)sum;
     }
 }
 
-/* 32 weights of one row (16 bytes) as unsigned bytes 0..15 */
-static inline __m256i unpack32(const uint8_t *p) {
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-}
-
-/* 8 int32 partial sums of a block's 32 products q . xq */
-static inline __m256i dot32(__m256i q, __m256i xq) {
-    __m256i pairs = _mm256_maddubs_epi16(q, xq); /* q unsigned, xq signed; |pair| <= 2 * 15 * 127 */
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
-/* sum over groups of zero * dsum, one weight row against one input row */
-static inline float zero_term(const uint16_t *ze, const float *dsum, int64_t groups) {
-    __m256 t = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) t = _mm256_fmadd_ps(load_bf16(ze + g), _mm256_loadu_ps(dsum + g), t);
-    float out = hsum(t);
-    for (; g < groups; g++) out += widen_bf16(ze[g]) * dsum[g];
-    return out;
-}
-
-/* R weight rows (row r at w + r * K / 2, its scales and zeros at r * groups) against MR input rows of
- * xq (their block scales d, their group sums dsum). `pf`: the next block's bytes, as in DOT_BLOCK. The
- * hot loop does the integer dots and one scale per group; the zero points' term is a separate dot over
- * groups (zero_term). */
-static inline __attribute__((always_inline)) void dot_i4(const int8_t *xq, const float *d, const float *dsum,
-                                                         int64_t K, int64_t G, const uint8_t *w,
-                                                         const uint16_t *sc, const uint16_t *ze,
-                                                         const uint8_t *pf, int R, int MR, float out[4][2]) {
-    int64_t groups = K / G, nb = K / Q8_BLOCK, per_group = G / Q8_BLOCK;
-    const __m256i eight = _mm256_set1_epi8(8);
-    __m256 tot[4][2];
-    for (int r = 0; r < 4; r++) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m256 acc[4][2];
-        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
-            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + b * Q8_BLOCK));
-            __m256i xb = MR > 1 ? _mm256_loadu_si256((const __m256i *)(xq + K + b * Q8_BLOCK)) : xa;
-            __m256 da = _mm256_set1_ps(d[b]), dbv = _mm256_set1_ps(MR > 1 ? d[nb + b] : 0);
-            /* the 8 of (q - 8), subtracted in integers: no float cancellation between q . xq and 8 sum(xq) */
-            __m256i ea = dot32(eight, xa), eb = MR > 1 ? dot32(eight, xb) : ea;
-            if (pf) _mm_prefetch((const char *)(pf + 64 * b), _MM_HINT_T0); /* 4 rows x 16 bytes */
-            for (int r = 0; r < R; r++) {
-                __m256i q = unpack32(w + r * (K / 2) + b * 16);
-                __m256 pa = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot32(q, xa), ea));
-                acc[r][0] = _mm256_fmadd_ps(pa, da, acc[r][0]);
-                if (MR > 1) {
-                    __m256 pb = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot32(q, xb), eb));
-                    acc[r][1] = _mm256_fmadd_ps(pb, dbv, acc[r][1]);
-                }
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            __m256 s = _mm256_set1_ps(widen_bf16(sc[r * groups + g]));
-            for (int i = 0; i < MR; i++) tot[r][i] = _mm256_fmadd_ps(acc[r][i], s, tot[r][i]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < MR; i++)
-            out[r][i] = hsum(tot[r][i]) + zero_term(ze + r * groups, dsum + i * groups, groups);
-}
-
-/* y = quantize_q8(x) @ dequantize(w).T + bias: w [N, K / 2] packed as above, scales and zeros
- * [N, K / G] bf16, K % G == 0, G % 32 == 0 (checked by the caller). Returns 0, or -1 if out of memory. */
 /* The int4 kernels' input: x as float32 rows (in buf, unless x is float32 already), then quantized by
- * quantize_q8 into xq, d and dsum, all in one allocation (buf; NULL if out of memory). */
+ * quantize_q8, all in one allocation (buf; NULL if out of memory). */
 typedef struct {
     float *buf, *d, *dsum;
+    int32_t *eight;
     int8_t *xq;
 } q8_input;
 
 static q8_input quantize_input(const void *x, int x_kind, int64_t M, int64_t K, int64_t G) {
     int64_t groups = K / G, nb = K / Q8_BLOCK;
-    q8_input q = {malloc(sizeof(float) * (M * K + M * nb + M * groups) + M * K), NULL, NULL, NULL};
+    q8_input q = {malloc(sizeof(float) * (M * K + 2 * M * nb + M * groups) + M * K), NULL, NULL, NULL, NULL};
     if (!q.buf) return q;
     const float *xf = rows_f32(x, x_kind, M * K, q.buf);
     q.d = q.buf + M * K, q.dsum = q.d + M * nb;
-    q.xq = (int8_t *)(q.dsum + M * groups);
-    quantize_q8(xf, M, K, G, q.xq, q.d, q.dsum);
+    q.eight = (int32_t *)(q.dsum + M * groups);
+    q.xq = (int8_t *)(q.eight + M * nb);
+    quantize_q8(xf, M, K, G, q.xq, q.d, q.eight, q.dsum);
     return q;
 }
 
+/* T input rows (T <= I4_TOKENS, a constant at each call) against one block of 8 output channels: w its
+ * K / 32 x 128 bytes, sc and ze its [K / G][8] scales and zeros. tot[t]: row t's 8 outputs. */
+static inline __attribute__((always_inline)) void block_i4(const q8_input *q, int64_t m, int64_t K, int64_t G,
+                                                           const uint8_t *w, const uint16_t *sc,
+                                                           const uint16_t *ze, int T, int prefetch,
+                                                           __m256 tot[I4_TOKENS]) {
+    int64_t groups = K / G, nb = K / Q8_BLOCK, per_group = G / Q8_BLOCK;
+    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < T; t++) tot[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 s = load_bf16(sc + g * I4_BLOCK_N);
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+            const uint8_t *wb = w + b * 4 * Q8_BLOCK;
+            if (prefetch) {
+                _mm_prefetch((const char *)(wb + I4_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wb + I4_PREFETCH + 64), _MM_HINT_T0);
+            }
+            /* per row, 16-bit sums of 8 products per channel: |sum| <= 8 * 15 * 127, no overflow */
+            __m256i s16[I4_TOKENS];
+            for (int t = 0; t < T; t++) s16[t] = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
+                __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *xb = q->xq + (m + t) * K + b * Q8_BLOCK;
+                    __m256i xl = _mm256_set1_epi32(*(const int32_t *)(xb + 4 * j));
+                    __m256i xh = _mm256_set1_epi32(*(const int32_t *)(xb + 16 + 4 * j));
+                    /* q unsigned, xq signed */
+                    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                    s16[t] = _mm256_add_epi16(s16[t], p);
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                int64_t i = (m + t) * nb + b;
+                __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s16[t], ones), _mm256_set1_epi32(q->eight[i]));
+                __m256 ds = _mm256_mul_ps(s, _mm256_set1_ps(q->d[i]));
+                tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ds, tot[t]);
+            }
+        }
+        __m256 z = load_bf16(ze + g * I4_BLOCK_N);
+        for (int t = 0; t < T; t++) tot[t] = _mm256_fmadd_ps(z, _mm256_set1_ps(q->dsum[(m + t) * groups + g]), tot[t]);
+    }
+}
+
+/* y = quantize_q8(x) @ dequantize(w).T + bias: w, scales and zeros in the layout above, K % G == 0,
+ * G % 32 == 0 (checked by the caller). Returns 0, or -1 if out of memory. */
 int loom_gemv_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
                    int64_t G, const float *bias, void *y, int y_kind, int64_t M, int64_t N, int64_t K,
                    int nthreads) {
-    int64_t groups = K / G, nb = K / Q8_BLOCK;
+    int64_t groups = K / G;
     q8_input q = quantize_input(x, x_kind, M, K, G);
     if (!q.buf) return -1;
-    const float *d = q.d, *dsum = q.dsum;
-    const int8_t *xq = q.xq;
-    int64_t blocks = (N + 3) / 4;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * 4;
-        int R = N - n0 < 4 ? (int)(N - n0) : 4;
-        const uint8_t *wb = w + n0 * (K / 2);
-        const uint16_t *sb = scale + n0 * groups, *zb = zero + n0 * groups;
-        for (int64_t m = 0; m < M; m += 2) {
-            float out[4][2];
-            int MR = M - m > 1 ? 2 : 1;
-            const uint8_t *pf = m == 0 && b + 1 < blocks ? wb + 2 * K : NULL;
-            const int8_t *xm = xq + m * K;
-            const float *dm = d + m * nb, *sm = dsum + m * groups;
-            if (R == 4 && MR == 2) dot_i4(xm, dm, sm, K, G, wb, sb, zb, pf, 4, 2, out);
-            else if (R == 4) dot_i4(xm, dm, sm, K, G, wb, sb, zb, pf, 4, 1, out);
-            else if (MR == 2) dot_i4(xm, dm, sm, K, G, wb, sb, zb, pf, R, 2, out);
-            else dot_i4(xm, dm, sm, K, G, wb, sb, zb, pf, R, 1, out);
-            for (int r = 0; r < R; r++)
-                for (int i = 0; i < MR; i++) {
-                    float v = out[r][i];
-                    store(y, y_kind, (m + i) * N + n0 + r, bias ? v + bias[n0 + r] : v);
+    int64_t blocks = (N + I4_BLOCK_N - 1) / I4_BLOCK_N;
+    int64_t chunk = I4_CHUNK_BYTES / K / I4_TOKENS * I4_TOKENS;
+    if (chunk < I4_TOKENS) chunk = I4_TOKENS;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < blocks; c++) {
+            const uint8_t *wc = w + c * K / 2 * I4_BLOCK_N;
+            const uint16_t *sc = scale + c * groups * I4_BLOCK_N, *ze = zero + c * groups * I4_BLOCK_N;
+            int64_t n0 = c * I4_BLOCK_N;
+            for (int64_t m = m0; m < m1; m += I4_TOKENS) {
+                __m256 tot[I4_TOKENS];
+                int T = m1 - m < I4_TOKENS ? (int)(m1 - m) : I4_TOKENS, pf = m == m0;
+                if (T == 4) block_i4(&q, m, K, G, wc, sc, ze, 4, pf, tot);
+                else if (T == 3) block_i4(&q, m, K, G, wc, sc, ze, 3, pf, tot);
+                else if (T == 2) block_i4(&q, m, K, G, wc, sc, ze, 2, pf, tot);
+                else block_i4(&q, m, K, G, wc, sc, ze, 1, pf, tot);
+                for (int t = 0; t < T; t++) {
+                    float v[I4_BLOCK_N];
+                    _mm256_storeu_ps(v, tot[t]);
+                    for (int64_t n = n0; n < n0 + I4_BLOCK_N && n < N; n++)
+                        store(y, y_kind, (m + t) * N + n, bias ? v[n - n0] + bias[n] : v[n - n0]);
                 }
+            }
         }
     }
     free(q.buf);
     return 0;
-}
-
-/* r[c] (8 values of row c) becomes r[j] (value j of each row): the 8 x 8 transpose */
-static inline void transpose8(__m256 r[8]) {
-    __m256 t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-    }
-}
-
-/* Output channels n0 .. n0 + 15 of the packed int4 weight dequantized into a panel wf [K][16] (channels
- * past N zero), each value (q - 8) * scale + zero as dequantize_int4 in loom/layers/quant/int4.py computes it: each 32 input channels of 8 output
- * channels dequantized as rows, then transposed 8 x 8. */
-static void dequantize_panel_int4(const weight_spec *ws, int64_t N, int64_t K, int64_t n0, float *wf) {
-    int64_t groups = K / ws->G;
-    const __m256 eight = _mm256_set1_ps(8.0f);
-    for (int64_t b = 0; b < K / Q8_BLOCK; b++) {
-        int64_t g = b * Q8_BLOCK / ws->G;
-        for (int half = 0; half < 2; half++) {
-            __m256 v[4][8];
-            for (int c = 0; c < 8; c++) {
-                int64_t n = n0 + 8 * half + c;
-                if (n >= N) {
-                    for (int i = 0; i < 4; i++) v[i][c] = _mm256_setzero_ps();
-                    continue;
-                }
-                __m256 s = _mm256_set1_ps(widen_bf16(ws->scale[n * groups + g]));
-                __m256 z = _mm256_set1_ps(widen_bf16(ws->zero[n * groups + g]));
-                __m256i q = unpack32((const uint8_t *)ws->w + n * (K / 2) + b * 16);
-                __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-                __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-                for (int i = 0; i < 4; i++) {
-                    __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
-                    /* (q - 8) * scale is exact in float32: one rounding, as dequantize_int4's */
-                    v[i][c] = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(qf, eight), s), z);
-                }
-            }
-            for (int i = 0; i < 4; i++) {
-                transpose8(v[i]);
-                for (int j = 0; j < 8; j++)
-                    _mm256_storeu_ps(wf + (b * Q8_BLOCK + 8 * i + j) * PANEL_N + 8 * half, v[i][j]);
-            }
-        }
-    }
-}
-
-/* Batches past the int4 kernel's row limit: y = xq @ dequantize(w).T + bias, xq the input quantized to
- * int8 per 32 values and dequantized (as the kernel's input: quantize_q8), in float32 FMA chains over each
- * panel dequantized once. Returns 0, or -1 if out of memory. */
-int loom_gemm_int4(const void *x, int x_kind, const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
-                   int64_t G, const float *bias, void *y, int y_kind, int64_t M, int64_t N, int64_t K,
-                   int nthreads) {
-    q8_input q = quantize_input(x, x_kind, M, K, G);
-    if (!q.buf) return -1;
-    /* the dequantized input xq * d, over the float32 rows quantize_input no longer needs */
-    float *xd = q.buf;
-    for (int64_t i = 0; i < M * K; i++) xd[i] = (float)q.xq[i] * q.d[i / Q8_BLOCK];
-    weight_spec ws = {w, W_INT4, scale, zero, G};
-    int rc = linear(xd, F32, &ws, NULL, bias, y, y_kind, M, N, K, nthreads);
-    free(q.buf);
-    return rc;
 }
 
 #else

@@ -173,28 +173,27 @@ def test_int8_matches_the_twin(rows):
     assert_kernel_matches_twin(layer(x), twin(x), bias)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """cpu.pack_int4's layout read back: each 16 bytes hold 32 values, low nibbles first."""
-    n, half = packed.shape
-    blocks = packed.reshape(n, half // 16, 1, 16)
-    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, 2 * half)
-
-
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_packing_and_dequantizing_are_exact(group_size):
     gen = torch.Generator().manual_seed(group_size)
     q, scale, zero = quantize_int4(torch.randn(37, 256, generator=gen), group_size)
-    packed = cpu.pack_int4(q)
-    assert packed.shape == (37, 128) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_int4(packed), q)
+    w, scales, zeros = cpu.pack_int4(q, scale, zero)
+    assert w.shape == (5, 8, 128) and w.dtype == torch.uint8
+    assert scales.shape == zeros.shape == (5, 256 // group_size, 8)
+    # byte 32 j + 4 c + i of a block: channel c's value 4 j + i (low nibble) and 16 + 4 j + i (high)
+    assert w[1, 2, 32 * 3 + 4 * 5 + 1].item() == q[13, 64 + 13].item() | q[13, 64 + 29].item() << 4
+    # the padding channels 37-39: q 8, scale and zero 0 (outputs 0)
+    assert (scales[4, :, 5:] == 0).all() and (zeros[4, :, 5:] == 0).all()
+    back = cpu.unpack_int4(w, scales, zeros, 37)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, scale, zero), strict=True))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, cpu.INT4_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 17, 40])
 @pytest.mark.parametrize("shape, group_size", [((37, 256), 32), ((1000, 128), 64), ((5, 768), 128)], ids=str)
 def test_int4_kernel_is_the_product_of_the_dequantized_operands(rows, shape, group_size):
     """The input quantized to int8 per 32 values (quantize_activations), times the dequantized weight:
-    up to INT4_MAX_ROWS integer dots are exact, so only float32 sums of the per-block and per-group terms
-    differ from float64; past it, float32 FMA chains over the dequantized panels."""
+    the integer dots are exact, so only float32 sums of the per-block and per-group terms differ from
+    float64."""
     n, k = shape
     gen = torch.Generator().manual_seed(rows + n)
     q, scale, zero = quantize_int4(torch.randn(n, k, generator=gen), group_size)
@@ -202,7 +201,8 @@ def test_int4_kernel_is_the_product_of_the_dequantized_operands(rows, shape, gro
     x[0, 32:64] = 0  # a block of zeros: scale 0, nothing divided by it
     w = dequantize_int4(q, scale, zero)
     xq = quantize_activations(x)
-    ours = cpu.matmul_int4(x.float(), cpu.pack_int4(q), scale, zero, group_size)
+    packed = cpu.pack_int4(q, scale, zero)
+    ours = cpu.matmul_int4(x.float(), *packed, group_size, n)
     exact = xq.double() @ w.double().t()
     bound = (xq.double().abs() @ w.double().abs().t()) * 2**-18 + 1e-30
     assert ((ours.double() - exact).abs() <= bound).all()
@@ -210,34 +210,58 @@ def test_int4_kernel_is_the_product_of_the_dequantized_operands(rows, shape, gro
     unquantized = x.double() @ w.double().t()
     assert ((ours.double() - unquantized).norm() / unquantized.norm()).item() < 0.02
     # bf16 in: the same, rounded once
-    assert torch.equal(cpu.matmul_int4(x, cpu.pack_int4(q), scale, zero, group_size), ours.bfloat16())
+    assert torch.equal(cpu.matmul_int4(x, *packed, group_size, n), ours.bfloat16())
 
 
 def test_int4_kernel_gives_the_same_bits_with_any_thread_count_and_refuses_bad_input():
     gen = torch.Generator().manual_seed(0)
     q, scale, zero = quantize_int4(torch.randn(203, 256, generator=gen), 64)
-    packed = cpu.pack_int4(q)
+    w, scales, zeros = cpu.pack_int4(q, scale, zero)
     threads = torch.get_num_threads()
     try:
-        for rows in (3, cpu.INT4_MAX_ROWS + 5):
+        for rows in (3, 21):
             x = torch.randn(rows, 256, generator=gen)
             outs = []
             for t in (1, 2, 3):
                 torch.set_num_threads(t)
-                outs.append(cpu.matmul_int4(x, packed, scale, zero, 64))
+                outs.append(cpu.matmul_int4(x, w, scales, zeros, 64, 203))
             assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="group size"):
-        cpu.matmul_int4(x, packed, scale, zero, 48)
+        cpu.matmul_int4(x, w, scales, zeros, 48, 203)
     with pytest.raises(ValueError, match="bf16 scales"):
-        cpu.matmul_int4(x, packed, scale.float(), zero, 64)
+        cpu.matmul_int4(x, w, scales.float(), zeros, 64, 203)
+    with pytest.raises(ValueError, match="bf16 scales"):
+        cpu.matmul_int4(x, w, scale, zero, 64, 203)  # not packed
     with pytest.raises(ValueError, match="float32 or bf16 x"):
-        cpu.matmul_int4(x[:, :128], packed, scale, zero, 64)
+        cpu.matmul_int4(x[:, :128], w, scales, zeros, 64, 203)
+    with pytest.raises(ValueError, match="pack_int4"):
+        cpu.matmul_int4(x, w, scales, zeros, 64, 300)
 
 
-@pytest.mark.parametrize("rows", [1, 3, cpu.INT4_MAX_ROWS, cpu.INT4_MAX_ROWS + 1])
-def test_int4_paths_match_the_twin_on_both_sides_of_max_rows(rows):
+def test_an_int4_row_gets_the_same_bits_in_any_batch():
+    """The int4 kernel runs every batch size (1 row up to a prefill chunk) through the same per-row sums:
+    a row alone, in a partial tile of its 4 rows, or among 700 (chunks of rows past L2) gives the same
+    bits."""
+    gen = torch.Generator().manual_seed(2)
+    n, k = 203, 768
+    q, scale, zero = quantize_int4(torch.randn(n, k, generator=gen), 64)
+    packed = cpu.pack_int4(q, scale, zero)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(700, k, generator=gen).bfloat16()
+    whole = cpu.matmul_int4(x, *packed, 64, n, bias)
+    alone = torch.cat([cpu.matmul_int4(x[i : i + 1], *packed, 64, n, bias) for i in range(0, 700, 97)])
+    assert torch.equal(whole[::97], alone)
+    for size in (2, 3, 5, 13):
+        parts = torch.cat(
+            [cpu.matmul_int4(x[i : i + size], *packed, 64, n, bias) for i in range(0, 60, size)]
+        )
+        assert torch.equal(parts, whole[: parts.shape[0]])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+def test_int4_kernel_matches_the_twin(rows):
     layer, twin, _, bias = pair(Int4(32), 203, 256, torch.bfloat16)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
     assert_kernel_matches_twin(layer(x), twin(x), bias)

@@ -2,13 +2,11 @@
 (asymmetric). A 4-bit value q in 0..15 stands for (q - 8) * scale + zero; scales and zeros are bf16.
 
 Where loom's CPU kernels build (`cpu.available()`), the weight is packed in loom's layout (`cpu.pack_int4`:
-32 values in 16 bytes) and multiplied by loom's int4 kernels (loom/kernels/gemv.c): up to
-`cpu.INT4_MAX_ROWS` rows with integer dot products, larger batches on each panel of 16 output channels
-dequantized once, in float32. Widening 4-bit weights to float32 costs more instructions than streaming
-them takes, so the small-batch kernel quantizes the activations too, to int8 per 32 values
-(`quantize_activations`, as llama.cpp's q4_0 x q8_0 dot does); the large-batch one quantizes them the
-same way, so every batch size computes one thing. That adds an error of about 0.5% of a product's norm
-to int4's own (~10%).
+blocks of 8 output channels interleaved, so that one load holds 4 input channels of all 8) and multiplied
+by loom's int4 kernel (loom/kernels/gemv.c) in integer dot products at every batch size. Widening 4-bit
+weights to float32 costs more instructions than streaming them takes, so the kernel quantizes the
+activations too, to int8 per 32 values (`quantize_activations`, as llama.cpp's q4_0 x q8_0 dot does).
+That adds an error of about 0.5% of a product's norm to int4's own (~10%).
 
 Elsewhere torch's CPU kernels run, on unquantized bf16 activations: `_convert_weight_to_int4pack_for_cpu`
 packs the weight once, at load, in torch's own layout (which differs between CPU instruction sets), with
@@ -90,9 +88,11 @@ class Int4(LinearMethod):
         q, scale, zero = quantize_int4(layer.weight, self.group_size)
         layer.loom_kernel = cpu.available()
         if layer.loom_kernel:
-            layer.register_buffer("qweight", cpu.pack_int4(q), persistent=False)  # [out, in / 2] uint8
-            layer.register_buffer("scales", scale.contiguous(), persistent=False)  # [out, in / group] bf16
-            layer.register_buffer("zeros", zero.contiguous(), persistent=False)
+            # in blocks of 8 output channels: [out / 8, in / 32, 128] uint8, [out / 8, in / group, 8] bf16
+            qweight, scales, zeros = cpu.pack_int4(q, scale, zero)
+            layer.register_buffer("qweight", qweight, persistent=False)
+            layer.register_buffer("scales", scales, persistent=False)
+            layer.register_buffer("zeros", zeros, persistent=False)
         else:
             self._torch_pack(layer, q, scale, zero)
         if not keep_weight:
@@ -123,7 +123,9 @@ class Int4(LinearMethod):
             if out.shape[-1] != layer.out_features:
                 out = out[:, : layer.out_features]
         else:
-            out = cpu.matmul_int4(rows, layer.qweight, layer.scales, layer.zeros, self.group_size)
+            out = cpu.matmul_int4(
+                rows, layer.qweight, layer.scales, layer.zeros, self.group_size, layer.out_features
+            )
         return finish(out, x, layer.bias)
 
     def stack_linear(self, layer: Linear) -> StackLinear | None:
@@ -135,7 +137,6 @@ class Int4(LinearMethod):
             bias_after=layer.bias,
             zeros=layer.zeros,
             group_size=self.group_size,
-            max_rows=cpu.INT4_MAX_ROWS,
         )
 
     def reference(self) -> LinearMethod:

@@ -43,7 +43,7 @@ QUANT_ERROR = {"int8": 0.02, "int4": 0.15}
 METHODS = [Int8(), Int4(32), Int4(64), Int4(128)]
 # (out, in): out not a multiple of 16 (int4 pads it), single rows, the tiny models' shapes, a wide one
 SHAPES = [(96, 256), (40, 128), (1000, 384), (1, 128), (2048, 128), (128, 384)]
-# 33 and 130: past INT4_MAX_ROWS (where int4 switches from integer dots to its panel GEMM)
+# 7: a partial tile of the int4 kernel's 4 rows; 33 and 130, prefill-sized
 ROWS = [1, 7, 33, 130]
 
 
