@@ -81,7 +81,7 @@ class EngineConfig:
     step_timeout_s: float = 600.0
     """Seconds one engine step may run before the engine is declared hung: every request in flight fails and the server exits non-zero (so a supervisor restarts it); 0 disables the watchdog."""
     quantization: str | None = None
-    """Weight-only quantization of the linear layers, done at load from the float checkpoint: int8 (one scale per output channel) or int4 (groups of quantization_group_size input channels, scale and zero point); None keeps float weights. CPU only; activations stay in dtype."""
+    """Weight-only quantization of the linear layers, done at load from the float checkpoint: int8 (one scale per output channel) or int4 (groups of quantization_group_size input channels, scale and zero point); None keeps float weights. A GPTQ or AWQ int4 checkpoint loads its own 4-bit values as int4 at its own group size (None or int4 here). CPU only; activations stay in dtype."""
     quantization_group_size: int = 128
     """Input channels sharing one int4 scale and zero point: 32, 64 or 128 (smaller is more accurate and a little larger)."""
 

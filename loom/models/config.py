@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from loom.errors import ModelLoadError
+from loom.layers.quant.checkpoint import CheckpointQuantization
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class ModelConfig:
     """The placeholder token an image's embeddings replace (one per image token)."""
     image_start_token_id: int | None = None
     image_end_token_id: int | None = None
+    quantization: CheckpointQuantization | None = None
+    """A GPTQ or AWQ int4 checkpoint's format (its `quantization_config`); None for a float checkpoint."""
 
     @property
     def rotary_dim(self) -> int:
@@ -147,6 +150,7 @@ class ModelConfig:
                 image_token_id=top.get("image_token_id"),
                 image_start_token_id=top.get("image_start_token_id"),
                 image_end_token_id=top.get("image_end_token_id"),
+                quantization=CheckpointQuantization.from_config(top.get("quantization_config"), source),
             )
         except (KeyError, IndexError, TypeError) as e:
             raise ModelLoadError(f"{source}: missing or malformed field {e}") from e

@@ -17,6 +17,8 @@ from torch import nn
 
 from loom.errors import ModelLoadError
 from loom.layers.quant import LinearMethod, linear_method, lm_head_method, process_linears, weight_bytes
+from loom.layers.quant.checkpoint import SUFFIXES, CheckpointQuantization
+from loom.layers.quant.int4 import dequantize_int4
 from loom.models.config import ModelConfig
 from loom.models.registry import model_class
 
@@ -68,10 +70,17 @@ def load_model(
     cfg = ModelConfig.from_dir(path)
     cls = model_class(cfg.architecture)
     # Checked before anything is allocated, so a device or dtype that cannot run it fails at once.
+    if cfg.quantization is not None:
+        quantization, group_size = cfg.quantization.resolve(quantization, group_size)
+        logger.info(
+            "%s int4 checkpoint (group %d): its 4-bit values load as they are",
+            cfg.quantization.method,
+            group_size,
+        )
     method = linear_method(quantization, group_size, dtype, torch.device(device))
     with _default_dtype(dtype), torch.device(device):
         model = cls(cfg)
-    load_weights(model, path, dtype)
+    load_weights(model, path, dtype, cfg.quantization)
     before = weight_bytes(model)
     lm_head = lm_head or lm_head_method(quantization, method)
     counts = process_linears(model, method, lm_head, reference=reference)
@@ -81,17 +90,29 @@ def load_model(
     return model.eval()
 
 
-def load_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
+def load_weights(
+    model: nn.Module, path: Path, dtype: torch.dtype, quantized: CheckpointQuantization | None = None
+) -> None:
+    """Copy every checkpoint tensor into its parameter. A GPTQ / AWQ checkpoint's (`quantized`) packed
+    linears are decoded into loom's int4 values, kept on the layer (`prequantized`, by shard) for its Int4
+    method, and their dequantized weight is loaded as the float weight."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules", {})
     prefixes = getattr(model, "checkpoint_prefixes", ())
     tied = model.config.tie_word_embeddings
     # Each parameter's loaded shards; a packed parameter is complete when all its shards arrived.
     loaded: dict[str, set] = {}
+    # (weight parameter, shard) -> the quantized linear's packed tensors, by suffix
+    packed_linears: dict[tuple[str, object], dict[str, torch.Tensor]] = {}
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                base, _, suffix = name.rpartition(".")
+                if quantized is not None and suffix in SUFFIXES:
+                    key = _map_name(_rename(base + ".weight", prefixes), packed)
+                    packed_linears.setdefault(key, {})[suffix] = f.get_tensor(name)
                     continue
                 target, shard_id = _map_name(_rename(name, prefixes), packed)
                 param = params.get(target)
@@ -113,6 +134,22 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
                 except ValueError as e:
                     raise ModelLoadError(f"{file.name}: tensor {name!r}: {e}") from e
                 loaded.setdefault(target, set()).add(shard_id)
+    for (target, shard_id), tensors in packed_linears.items():
+        param = params.get(target)
+        if param is None:
+            raise ModelLoadError(
+                f"{path}: quantized linear {target!r} has no place in {type(model).__name__}"
+            )
+        q, scale, zero = quantized.decode(tensors, target)
+        module = model.get_submodule(target.rsplit(".", 1)[0])
+        try:
+            param.weight_loader(param, dequantize_int4(q, scale, zero).to(dtype), shard_id)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: quantized linear {target!r}: {e}") from e
+        if not hasattr(module, "prequantized"):
+            module.prequantized = {}
+        module.prequantized[shard_id] = (q, scale, zero)
+        loaded.setdefault(target, set()).add(shard_id)
     _check_complete(model, params, loaded, tied, path)
 
 

@@ -142,6 +142,7 @@ def process_linears(
             chosen.process_weights(layer, keep_weight=id(layer.weight) in shared)
         except ValueError as e:
             raise InvalidRequest(f"cannot apply {chosen.name} to {name}: {e}", param="quantization") from e
+        layer.__dict__.pop("prequantized", None)  # a GPTQ / AWQ checkpoint's values, now the method's
         layer.method = chosen
         counts[chosen.name] = counts.get(chosen.name, 0) + 1
     return counts

@@ -61,6 +61,29 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q.to(torch.uint8).reshape(out_features, in_features), scale, zero
 
 
+def layer_values(layer: Linear, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's int4 values (q, scales, zeros) as `quantize_int4` returns them: a GPTQ / AWQ checkpoint's
+    as it shipped them (`prequantized`, by shard, set by the loader; checkpoint.py), the float weight
+    quantized here otherwise, or shard by shard for a packed layer with both."""
+    pre = getattr(layer, "prequantized", None)
+    if not pre:
+        return quantize_int4(layer.weight, group_size)
+    shards = (
+        {None: (0, layer.out_features)}
+        if None in pre
+        else getattr(layer, "shards", {None: (0, layer.out_features)})
+    )
+    parts = []
+    for shard, (start, size) in sorted(shards.items(), key=lambda item: item[1][0]):
+        if shard in pre:
+            if pre[shard][1].shape[1] * group_size != layer.in_features:
+                raise ValueError(f"the checkpoint's groups are not {group_size} input channels")
+            parts.append(pre[shard])
+        else:
+            parts.append(quantize_int4(layer.weight.narrow(0, start, size), group_size))
+    return tuple(torch.cat(t) for t in zip(*parts, strict=True))
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """x [rows, K] as loom's int4 kernel multiplies it: each 32 values quantized to int8 with the scale
     max|x| / 127 (round half to even) and dequantized again, in float32."""
@@ -85,7 +108,7 @@ class Int4(LinearMethod):
         self.group_size = group_size
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
-        q, scale, zero = quantize_int4(layer.weight, self.group_size)
+        q, scale, zero = layer_values(layer, self.group_size)
         layer.loom_kernel = cpu.available()
         if layer.loom_kernel:
             # in blocks of 8 output channels: [out / 8, in / 32, 128] uint8, [out / 8, in / group, 8] bf16
@@ -154,7 +177,7 @@ class Int4Reference(Int4):
         return None
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
-        q, scale, zero = quantize_int4(layer.weight, self.group_size)
+        q, scale, zero = layer_values(layer, self.group_size)
         layer.register_buffer("qvalues", q, persistent=False)  # [out, in] uint8, one value per byte
         layer.register_buffer("scales", scale, persistent=False)  # [out, in / group]
         layer.register_buffer("zeros", zero, persistent=False)
