@@ -13,17 +13,18 @@ why), blocks of 8 output channels interleaved so that the scales and outputs are
 dequantizing to float32 at every batch size measured (1-512 rows), and each row's result is the same in
 any batch as well.
 `python benchmarks/cpu_kernels.py --threads 1` on the 2-vCPU AVX2 VM: the 12 layers of the 89M Llama,
-weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; "float32"
+weights cold in memory as in a real step, ms per pass over all linears (median of 7 rounds; the box was
+in a slow phase, torch's columns 10-40% above the previous session's run; "float32"
 is torch's GEMM on a float32 copy of the weight, the fastest torch has for a bf16 weight here):
 
 | rows | float32 copy, F.linear | loom bf16 | torch int8 | loom int8 | torch int4 g32 | loom int4 g32 |
 |---:|---:|---:|---:|---:|---:|---:|
-| 1 | 30.3 | 12.0 | 18.2 | 9.3 | 13.2 | 7.7 |
-| 4 | 65.7 | 18.8 | 24.9 | 27.9 | 18.1 | 19.3 |
-| 16 | 104.6 | 42.0 | 75.4 | 56.3 | 73.0 | 75.5 |
-| 64 | 210.0 | 151.3 | 285.8 | 164.2 | 292.0 | 184.1 |
-| 128 | 338.3 | 279.8 | 546.9 | 291.7 | 577.9 | 326.1 |
-| 256 | 642.0 | 632.9 | 1089.8 | 583.8 | 1180.3 | 672.6 |
+| 1 | 37.1 | 16.3 | 25.1 | 11.7 | 16.0 | 9.5 |
+| 4 | 112.7 | 29.0 | 36.0 | 35.3 | 28.7 | 15.7 |
+| 16 | 159.8 | 87.7 | 154.3 | 79.2 | 133.8 | 38.3 |
+| 64 | 258.7 | 220.4 | 401.9 | 202.9 | 438.0 | 171.1 |
+| 128 | 393.2 | 304.5 | 622.7 | 317.1 | 686.8 | 278.0 |
+| 256 | 683.7 | 670.8 | 1242.6 | 636.1 | 1331.3 | 578.9 |
 
 The fused ops (decode attention, RMSNorm, SiLU-and-mul, rotary) take batches of up to `MAX_ROWS` tokens
 (`fused`).
