@@ -157,8 +157,9 @@ static void many_rows(const out_spec *o, const float *xf, int64_t m0, int64_t m1
     }
 }
 
-/* y = (x @ w.T) * scale + bias, w bf16 or int8 panels, scale and bias optional (NULL). Batches go in chunks of rows whose float32 input stays in cache while every panel
- * passes over it. Returns 0, or -1 if a buffer could not be allocated. */
+/* y = (x @ w.T) * scale + bias, w bf16 or int8 panels, scale and bias optional (NULL). Batches go in
+ * chunks of rows whose float32 input stays in cache while every panel passes over it. Returns 0, or -1 if
+ * a buffer could not be allocated. */
 static int linear(const void *x, int x_kind, const void *w, int kind, const float *scale, const float *bias,
                   void *y, int y_kind, int64_t M, int64_t N, int64_t K, int nthreads) {
     float *buf = x_kind == F32 ? NULL : malloc(sizeof(float) * M * K);
@@ -257,7 +258,7 @@ static void quantize_q8(const float *x, int64_t M, int64_t K, int64_t G, int8_t 
     }
 }
 
-/* The int4 kernels' input: x as float32 rows (in buf, unless x is float32 already), then quantized by
+/* The int4 kernel's input: x as float32 rows (in buf, unless x is float32 already), then quantized by
  * quantize_q8, all in one allocation (buf; NULL if out of memory). */
 typedef struct {
     float *buf, *d, *dsum;
@@ -275,6 +276,13 @@ static q8_input quantize_input(const void *x, int x_kind, int64_t M, int64_t K, 
     q.xq = (int8_t *)(q.eight + M * nb);
     quantize_q8(xf, M, K, G, q.xq, q.d, q.eight, q.dsum);
     return q;
+}
+
+/* 4 input bytes as one int32, for a broadcast to every lane */
+static inline int32_t bytes4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
 /* T input rows (T <= I4_TOKENS, a constant at each call) against one block of 8 output channels: w its
@@ -299,11 +307,12 @@ static inline __attribute__((always_inline)) void block_i4(const q8_input *q, in
             for (int t = 0; t < T; t++) s16[t] = _mm256_setzero_si256();
             for (int j = 0; j < 4; j++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
-                __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                __m256i lo = _mm256_and_si256(v, nibble);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                 for (int t = 0; t < T; t++) {
                     const int8_t *xb = q->xq + (m + t) * K + b * Q8_BLOCK;
-                    __m256i xl = _mm256_set1_epi32(*(const int32_t *)(xb + 4 * j));
-                    __m256i xh = _mm256_set1_epi32(*(const int32_t *)(xb + 16 + 4 * j));
+                    __m256i xl = _mm256_set1_epi32(bytes4(xb + 4 * j));
+                    __m256i xh = _mm256_set1_epi32(bytes4(xb + 16 + 4 * j));
                     /* q unsigned, xq signed */
                     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
                     s16[t] = _mm256_add_epi16(s16[t], p);
@@ -311,13 +320,15 @@ static inline __attribute__((always_inline)) void block_i4(const q8_input *q, in
             }
             for (int t = 0; t < T; t++) {
                 int64_t i = (m + t) * nb + b;
-                __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s16[t], ones), _mm256_set1_epi32(q->eight[i]));
+                __m256i dot = _mm256_madd_epi16(s16[t], ones);
+                dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(q->eight[i]));
                 __m256 ds = _mm256_mul_ps(s, _mm256_set1_ps(q->d[i]));
                 tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ds, tot[t]);
             }
         }
         __m256 z = load_bf16(ze + g * I4_BLOCK_N);
-        for (int t = 0; t < T; t++) tot[t] = _mm256_fmadd_ps(z, _mm256_set1_ps(q->dsum[(m + t) * groups + g]), tot[t]);
+        for (int t = 0; t < T; t++)
+            tot[t] = _mm256_fmadd_ps(z, _mm256_set1_ps(q->dsum[(m + t) * groups + g]), tot[t]);
     }
 }
 

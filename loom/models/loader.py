@@ -69,7 +69,6 @@ def load_model(
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     cls = model_class(cfg.architecture)
-    # Checked before anything is allocated, so a device or dtype that cannot run it fails at once.
     if cfg.quantization is not None:
         quantization, group_size = cfg.quantization.resolve(quantization, group_size)
         logger.info(
@@ -77,6 +76,7 @@ def load_model(
             cfg.quantization.method,
             group_size,
         )
+    # Checked before anything is allocated, so a device or dtype that cannot run it fails at once.
     method = linear_method(quantization, group_size, dtype, torch.device(device))
     with _default_dtype(dtype), torch.device(device):
         model = cls(cfg)
@@ -135,22 +135,26 @@ def load_weights(
                     raise ModelLoadError(f"{file.name}: tensor {name!r}: {e}") from e
                 loaded.setdefault(target, set()).add(shard_id)
     for (target, shard_id), tensors in packed_linears.items():
-        param = params.get(target)
-        if param is None:
-            raise ModelLoadError(
-                f"{path}: quantized linear {target!r} has no place in {type(model).__name__}"
-            )
-        q, scale, zero = quantized.decode(tensors, target)
-        module = model.get_submodule(target.rsplit(".", 1)[0])
-        try:
-            param.weight_loader(param, dequantize_int4(q, scale, zero).to(dtype), shard_id)
-        except ValueError as e:
-            raise ModelLoadError(f"{path}: quantized linear {target!r}: {e}") from e
-        if not hasattr(module, "prequantized"):
-            module.prequantized = {}
-        module.prequantized[shard_id] = (q, scale, zero)
+        _load_quantized(model, params.get(target), target, shard_id, quantized.decode(tensors, target), dtype)
         loaded.setdefault(target, set()).add(shard_id)
     _check_complete(model, params, loaded, tied, path)
+
+
+def _load_quantized(
+    model: nn.Module, param, target: str, shard_id, values: tuple, dtype: torch.dtype
+) -> None:
+    """One GPTQ / AWQ linear (or shard) decoded into loom's int4 `values` (q, scale, zero): kept on its
+    layer for Int4, and dequantized into the float weight."""
+    if param is None:
+        raise ModelLoadError(f"quantized linear {target!r} has no place in {type(model).__name__}")
+    try:
+        param.weight_loader(param, dequantize_int4(*values).to(dtype), shard_id)
+    except ValueError as e:
+        raise ModelLoadError(f"quantized linear {target!r}: {e}") from e
+    module = model.get_submodule(target.rsplit(".", 1)[0])
+    if not hasattr(module, "prequantized"):
+        module.prequantized = {}
+    module.prequantized[shard_id] = values
 
 
 def _rename(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
