@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "x-loom-model-version"
 REPLICA_HEADER = "x-loom-replica"
+ROUTE_HEADER = "x-loom-route"  # why the router chose that replica (policy.REASONS)
 SESSION_HEADER = "x-loom-session"
 _MAX_BACKOFF_S = 2.0
 # Response headers the ingress sets itself (lengths change when it re-frames the body).
@@ -156,6 +157,7 @@ class LoomIngress:
         }
         out_headers[VERSION_HEADER] = start.version
         out_headers[REPLICA_HEADER] = start.replica
+        out_headers[ROUTE_HEADER] = route.reason or "unknown"
         if not streaming or not _is_sse(start):
             self._finish(start, time.perf_counter() - arrived if streaming else None)
             return Response(b"".join(held), status_code=start.status, headers=out_headers)

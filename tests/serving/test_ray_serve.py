@@ -111,11 +111,14 @@ def sessions(n: int, turns: int, seed: int = 0) -> tuple[str, list[list[str]]]:
     ]
 
 
-async def run_sessions(url: str, headers: dict) -> list[list[tuple[str | None, int, int]]]:
-    """16 agent sessions of 3 turns, all at once: (replica, prompt tokens, cached tokens) per call."""
+async def run_sessions(url: str, headers: dict) -> list[list[tuple[str | None, int, int, str | None]]]:
+    """16 agent sessions of 3 turns, all at once: (replica, prompt tokens, cached tokens, route reason) per
+    call."""
     system, all_turns = sessions(16, 3)
 
-    async def one(client: httpx.AsyncClient, turns: list[str]) -> list[tuple[str | None, int, int]]:
+    async def one(
+        client: httpx.AsyncClient, turns: list[str]
+    ) -> list[tuple[str | None, int, int, str | None]]:
         messages, calls = [{"role": "system", "content": system}], []
         for user in turns:
             messages.append({"role": "user", "content": user})
@@ -128,6 +131,7 @@ async def run_sessions(url: str, headers: dict) -> list[list[tuple[str | None, i
                     r.headers.get("x-loom-replica"),
                     usage["prompt_tokens"],
                     usage["prompt_tokens_details"]["cached_tokens"],
+                    r.headers.get("x-loom-route"),
                 )
             )
             messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
@@ -137,7 +141,7 @@ async def run_sessions(url: str, headers: dict) -> list[list[tuple[str | None, i
         return await asyncio.gather(*(one(client, turns) for turns in all_turns))
 
 
-def hit_rate(results: list[list[tuple[str | None, int, int]]]) -> float:
+def hit_rate(results: list[list[tuple[str | None, int, int, str | None]]]) -> float:
     calls = [c for session in results for c in session]
     return sum(c[2] for c in calls) / sum(c[1] for c in calls)
 
@@ -149,7 +153,11 @@ def test_sessions_stick_to_a_replica_and_keep_the_single_replica_hit_rate(cluste
 
     results = asyncio.run(run_sessions(cluster.url, STABLE))
     for session in results:
-        assert len({replica for replica, _, _ in session}) == 1, session
+        # A turn stays where its conversation is, unless one replica was swamped (on a busy machine one
+        # replica can fall behind the other) and the router moved it on purpose.
+        assert all(turn[3] is not None for turn in session), session
+        for before, turn in zip(session, session[1:], strict=False):
+            assert turn[0] == before[0] or turn[3] == "imbalanced", session
     used = {session[0][0] for session in results}
     assert len(used) == 2, "both replicas should get sessions"
     assert hit_rate(results) >= 0.9 * baseline, (hit_rate(results), baseline)
