@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Glm4vForConditionalGeneration
 
 from loom import LLM, SamplingParams
 from loom.errors import InvalidRequest, ModelLoadError
@@ -26,15 +26,18 @@ from loom.layers.quant.int4 import dequantize_int4
 from loom.models.loader import load_model
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The projections the writer quantizes (GLM-4's checkpoints ship gate_up_proj whole; the rest stay float
+# and loom quantizes them at load).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
+MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 FORMATS = {
     "gptq": {"quant_method": "gptq", "bits": 4, "desc_act": False, "sym": False, "checkpoint_format": "gptq"},
     "gptq_v2": {"quant_method": "gptq", "bits": 4, "desc_act": False, "checkpoint_format": "gptq_v2"},
     "awq": {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm"},
 }
-# Mean |prompt log-probability - HF's on the dequantized weights|: measured 0.082 on the tiny qwen2 (each
-# format: the same values), nearly all of it from what any quantized loom model adds: the int8 lm_head
-# (lm_head_method) and int4's int8 activations.
+# Mean |prompt log-probability - HF's on the dequantized weights|: measured 0.047-0.082 on the tiny models
+# (qwen2 0.082 in each format, llama 0.072, glm4 0.073, glm4v 0.047), nearly all of it from what any
+# quantized loom model adds: the int8 lm_head (lm_head_method) and int4's int8 activations.
 HF_LOGPROB_MEAN_ERROR = 0.15
 
 
@@ -128,22 +131,36 @@ def test_decode_gives_the_checkpoints_values(fmt):
     assert ((dequantize_int4(*got) - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_quantized_checkpoint_loads_its_values_and_runs_near_hf(fmt, tiny_model_dir, tmp_path):
-    src = tiny_model_dir("qwen2")  # q/k/v biases stay float beside the quantized weights
+@pytest.mark.parametrize(
+    "arch, fmt",
+    # qwen2: q/k/v biases stay float beside the quantized weights; glm4v: Open-AutoGLM's architecture
+    [
+        ("qwen2", "gptq"),
+        ("qwen2", "gptq_v2"),
+        ("qwen2", "awq"),
+        ("llama", "awq"),
+        ("glm4", "gptq"),
+        ("glm4v", "gptq"),
+    ],
+)
+def test_quantized_checkpoint_loads_its_values_and_runs_near_hf(arch, fmt, tiny_model_dir, tmp_path):
+    src = tiny_model_dir(arch)
     values, float_dir = write_quantized(src, tmp_path / fmt, fmt, 32)
 
     # The twin holds the values unpacked: exactly the checkpoint's, q/k/v and gate/up packed together.
     twin = load_model(tmp_path / fmt, torch.float32, torch.device("cpu"), reference=True)
     llm = LLM(str(tmp_path / fmt), dtype="float32", num_blocks=64)
     model = llm.engine.runner.model
+    checked = set()
     for name, layer in twin.named_modules():
         if not isinstance(layer, Linear) or name == "lm_head":
             continue
         assert layer.method.name == "int4-reference"
         parent, base = name.rsplit(".", 1)
-        merged = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-        parts = [f"{parent}.{p}" for p in merged.get(base, (base,))]
+        parts = [name] if name in values else [f"{parent}.{p}" for p in MERGED.get(base, ())]
+        if not parts or any(p not in values for p in parts):
+            continue  # float in the checkpoint (a vision tower's attention): quantized at load
+        checked.update(parts)
         want = [torch.cat(t) for t in zip(*(values[p] for p in parts), strict=True)]
         assert torch.equal(layer.qvalues, want[0]), name
         assert torch.equal(layer.scales, want[1]) and torch.equal(layer.zeros, want[2]), name
@@ -152,6 +169,7 @@ def test_quantized_checkpoint_loads_its_values_and_runs_near_hf(fmt, tiny_model_
             packed = cpu.unpack_int4(ours.qweight, ours.scales, ours.zeros, ours.out_features)
             assert all(torch.equal(a, b) for a, b in zip(packed, want, strict=True)), name
 
+    assert checked == set(values)  # every quantized tensor the checkpoint has, found where it belongs
     assert {m.method.name for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"} == {
         "int4"
     }
@@ -160,11 +178,12 @@ def test_quantized_checkpoint_loads_its_values_and_runs_near_hf(fmt, tiny_model_
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in (9, 40, 77)]
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     outs = llm.generate(prompts, params, use_tqdm=False)
-    hf = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    hf_class = Glm4vForConditionalGeneration if arch == "glm4v" else AutoModelForCausalLM
+    hf = hf_class.from_pretrained(float_dir, dtype=torch.float32).eval()
     errors = []
     for prompt, out in zip(prompts, outs, strict=True):
         with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+            ref = torch.log_softmax(hf(input_ids=torch.tensor([prompt])).logits[0].float(), -1)
         errors += [
             abs(out.prompt_logprobs[i][prompt[i]] - ref[i - 1, prompt[i]].item())
             for i in range(1, len(prompt))
