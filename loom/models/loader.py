@@ -18,7 +18,6 @@ from torch import nn
 from loom.errors import ModelLoadError
 from loom.layers.quant import LinearMethod, linear_method, lm_head_method, process_linears, weight_bytes
 from loom.layers.quant.checkpoint import SUFFIXES, CheckpointQuantization
-from loom.layers.quant.int4 import dequantize_int4
 from loom.models.config import ModelConfig
 from loom.models.registry import model_class
 
@@ -94,8 +93,8 @@ def load_weights(
     model: nn.Module, path: Path, dtype: torch.dtype, quantized: CheckpointQuantization | None = None
 ) -> None:
     """Copy every checkpoint tensor into its parameter. A GPTQ / AWQ checkpoint's (`quantized`) packed
-    linears are decoded into loom's int4 values, kept on the layer (`prequantized`, by shard) for its Int4
-    method, and their dequantized weight is loaded as the float weight."""
+    linears are decoded into loom's int4 values and kept on the layer (`prequantized`, by shard) for its
+    Int4 method (_load_quantized)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules", {})
     prefixes = getattr(model, "checkpoint_prefixes", ())
@@ -135,23 +134,27 @@ def load_weights(
                     raise ModelLoadError(f"{file.name}: tensor {name!r}: {e}") from e
                 loaded.setdefault(target, set()).add(shard_id)
     for (target, shard_id), tensors in packed_linears.items():
-        _load_quantized(model, params.get(target), target, shard_id, quantized.decode(tensors, target), dtype)
+        _load_quantized(model, params.get(target), target, shard_id, quantized.decode(tensors, target))
         loaded.setdefault(target, set()).add(shard_id)
     _check_complete(model, params, loaded, tied, path)
 
 
-def _load_quantized(
-    model: nn.Module, param, target: str, shard_id, values: tuple, dtype: torch.dtype
-) -> None:
-    """One GPTQ / AWQ linear (or shard) decoded into loom's int4 `values` (q, scale, zero): kept on its
-    layer for Int4, and dequantized into the float weight."""
+def _load_quantized(model: nn.Module, param, target: str, shard_id, values: tuple) -> None:
+    """One GPTQ / AWQ linear (or shard) decoded into loom's int4 `values` (q, scale, zero), kept on its
+    layer for Int4. The float weight is left unwritten (its pages never become resident, so a quantized
+    model loads in about its quantized size); a method that needs it fills it (`process_linears`)."""
     if param is None:
         raise ModelLoadError(f"quantized linear {target!r} has no place in {type(model).__name__}")
-    try:
-        param.weight_loader(param, dequantize_int4(*values).to(dtype), shard_id)
-    except ValueError as e:
-        raise ModelLoadError(f"quantized linear {target!r}: {e}") from e
     module = model.get_submodule(target.rsplit(".", 1)[0])
+    shards = getattr(module, "shards", None)
+    if shard_id is not None and (shards is None or shard_id not in shards):
+        raise ModelLoadError(f"quantized linear {target!r}: the model's layer has no shard {shard_id!r}")
+    rows = param.shape[0] if shard_id is None else shards[shard_id][1]
+    if tuple(values[0].shape) != (rows, param.shape[1]):
+        raise ModelLoadError(
+            f"quantized linear {target!r}: {tuple(values[0].shape)} weights do not match the model's "
+            f"{(rows, param.shape[1])}" + ("" if shard_id is None else f" for shard {shard_id!r}")
+        )
     if not hasattr(module, "prequantized"):
         module.prequantized = {}
     module.prequantized[shard_id] = values

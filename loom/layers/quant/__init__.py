@@ -23,7 +23,7 @@ from loom.config import QUANTIZATIONS
 from loom.errors import InvalidRequest
 from loom.kernels import cpu
 from loom.layers.quant.base import UNQUANTIZED, LinearMethod, Unquantized
-from loom.layers.quant.int4 import Int4
+from loom.layers.quant.int4 import Int4, fill_weight
 from loom.layers.quant.int8 import Int8
 from loom.layers.quant.onednn import OneDNNPrepacked, can_prepack, gemm_dtype
 from loom.layers.quant.upcast import Bf16Widened, Float32Compute
@@ -138,6 +138,8 @@ def process_linears(
         chosen = lm_head if (lm_head is not None and name.split(".")[-1] == "lm_head") else method
         if reference:
             chosen = chosen.reference()
+        if getattr(layer, "prequantized", None) and not chosen.takes_prequantized:
+            fill_weight(layer)  # the loader left a GPTQ / AWQ layer's float weight unwritten
         try:
             chosen.process_weights(layer, keep_weight=id(layer.weight) in shared)
         except ValueError as e:

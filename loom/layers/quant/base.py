@@ -25,6 +25,9 @@ class LinearMethod:
     """A way to compute `x @ W.T + b` for a Linear layer. Stateless: what it needs lives on the layer."""
 
     name = "float"
+    takes_prequantized = False
+    """Whether `process_weights` uses a GPTQ / AWQ layer's own int4 values (`layer.prequantized`) as they
+    are; for any other method the loader's values are dequantized into the float weight first."""
 
     def process_weights(self, layer: Linear, keep_weight: bool) -> None:
         """Convert `layer.weight` (float, fully loaded) into this method's form, once. Without keep_weight

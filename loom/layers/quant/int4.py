@@ -84,6 +84,15 @@ def layer_values(layer: Linear, group_size: int) -> tuple[torch.Tensor, torch.Te
     return tuple(torch.cat(t) for t in zip(*parts, strict=True))
 
 
+def fill_weight(layer: Linear) -> None:
+    """A GPTQ / AWQ layer's int4 values (`prequantized`, by shard) dequantized into its float weight, for
+    a method that quantizes from the float weight (an int8 lm_head)."""
+    shards = getattr(layer, "shards", {})
+    for shard, values in layer.prequantized.items():
+        start, size = (0, layer.out_features) if shard is None else shards[shard]
+        layer.weight.data.narrow(0, start, size).copy_(dequantize_int4(*values))
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """x [rows, K] as loom's int4 kernel multiplies it: each 32 values quantized to int8 with the scale
     max|x| / 127 (round half to even) and dequantized again, in float32."""
@@ -103,6 +112,7 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 class Int4(LinearMethod):
     name = "int4"
+    takes_prequantized = True
 
     def __init__(self, group_size: int):
         self.group_size = group_size

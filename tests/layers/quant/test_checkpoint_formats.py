@@ -85,15 +85,16 @@ def expected(q, z, s):
     return q.to(torch.uint8), s.float().bfloat16(), ((8 - z.float()) * s.float()).bfloat16()
 
 
-def write_quantized(src, dst, fmt: str, group: int):
-    """A copy of the float checkpoint `src` with every decoder projection quantized in `fmt`; and the
-    values expected per projection; and a float32 checkpoint of the dequantized weights (for HF)."""
+def write_quantized(src, dst, fmt: str, group: int, also: tuple[str, ...] = ()):
+    """A copy of the float checkpoint `src` with every decoder projection (and the modules `also`)
+    quantized in `fmt`; and the values expected per projection; and a float32 checkpoint of the
+    dequantized weights (for HF)."""
     shutil.copytree(src, dst)
     tensors = load_file(src / "model.safetensors")
     quantized, values, dequantized = {}, {}, dict(tensors)
     for name, w in tensors.items():
         module = name.removesuffix(".weight")
-        if not (name.endswith(".weight") and module.split(".")[-1] in PROJECTIONS):
+        if not (name.endswith(".weight") and module.split(".")[-1] in PROJECTIONS + also):
             quantized[name] = w
             continue
         q, z, s = rtn(w, group)
@@ -208,9 +209,42 @@ def test_unsupported_checkpoints_are_refused(tiny_model_dir, tmp_path):
         load_model(tmp_path / "gptq", torch.float32, torch.device("cpu"), quantization="int8")
     assert e.value.param == "quantization"
     # act-order's g_idx in a checkpoint that says desc_act false
-    tensors = load_file(tmp_path / "gptq" / "model.safetensors")
+    original = load_file(tmp_path / "gptq" / "model.safetensors")
+    tensors = dict(original)
     name = next(n for n in tensors if n.endswith("g_idx"))
     tensors[name] = tensors[name].flip(0)
     save_file(tensors, tmp_path / "gptq" / "model.safetensors")
     with pytest.raises(ModelLoadError, match="act-order"):
         load_model(tmp_path / "gptq", torch.float32, torch.device("cpu"))
+    # a projection 8 output channels short of the model's (consistent with itself)
+    tensors = dict(original)
+    o = "model.layers.0.self_attn.o_proj"
+    tensors[f"{o}.qweight"] = tensors[f"{o}.qweight"][:, :-8].contiguous()
+    tensors[f"{o}.scales"] = tensors[f"{o}.scales"][:, :-8].contiguous()
+    tensors[f"{o}.qzeros"] = tensors[f"{o}.qzeros"][:, :-1].contiguous()
+    save_file(tensors, tmp_path / "gptq" / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="do not match the model's"):
+        load_model(tmp_path / "gptq", torch.float32, torch.device("cpu"))
+
+
+def test_a_quantized_lm_head_is_dequantized_for_its_int8_method(tiny_model_dir, tmp_path):
+    """The loader leaves a quantized layer's float weight unwritten; lm_head's int8 method quantizes from
+    the float weight, so it is filled from the checkpoint's values first."""
+    values, float_dir = write_quantized(
+        tiny_model_dir("qwen2"), tmp_path / "q", "gptq", 32, also=("lm_head",)
+    )
+    assert "lm_head" in values
+    llm = LLM(str(tmp_path / "q"), dtype="float32", num_blocks=64)
+    assert llm.engine.runner.model.lm_head.method.name == "int8"
+    prompt = list(range(3, 60))
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )
+    hf = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(input_ids=torch.tensor([prompt])).logits[0].float(), -1)
+    errors = [
+        abs(out[0].prompt_logprobs[i][prompt[i]] - ref[i - 1, prompt[i]].item())
+        for i in range(1, len(prompt))
+    ]
+    assert sum(errors) / len(errors) < HF_LOGPROB_MEAN_ERROR
