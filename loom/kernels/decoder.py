@@ -81,8 +81,6 @@ class StackLinear:
     bias_after: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     group_size: int = 0
-    max_rows: int = cpu.MAX_ROWS
-    """The most rows the method sends to this kernel (beyond, it multiplies another way)."""
 
 
 @dataclass(slots=True)

@@ -2,8 +2,8 @@
 
 A decode step of a small model on CPU spends as long calling its ~10 kernels per layer from Python as
 the kernels take (0.5-1 ms a layer here: module calls, argument checks, allocations, ctypes), so a small
-bf16 batch (up to the fused ops' `cpu.MAX_ROWS` rows, and int4's integer-kernel limit) runs them from
-one C function instead (loom/kernels/decoder.c). The modules are its twin:
+bf16 batch (up to the fused ops' `cpu.MAX_ROWS` rows) runs them from one C function instead
+(loom/kernels/decoder.c). The modules are its twin:
 
 - a batch of decode tokens gets the same arithmetic on the same values: the outputs and KV writes are
   bit-identical to the modules' (tests/kernels/test_decoder.py);
@@ -67,12 +67,12 @@ class NativeDecode:
         self.stack: DecoderStack | None = None
         self._caches: list[KVCache] | None = None
         try:
-            self.stack, self.max_rows, self.rotary = self._build(model)
+            self.stack, self.rotary = self._build(model)
         except _NotEligible as e:
             logger.debug("native decode stack off: %s", e)
 
     @staticmethod
-    def _build(model: nn.Module) -> tuple[DecoderStack, int, RotaryEmbedding]:
+    def _build(model: nn.Module) -> tuple[DecoderStack, RotaryEmbedding]:
         weight = model.embed_tokens.weight
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             raise _NotEligible("the model is not bf16 on CPU")
@@ -103,16 +103,14 @@ class NativeDecode:
             stack = DecoderStack(layers, model.norm.weight.data, shape)
         except ValueError as e:
             raise _NotEligible(str(e)) from e
-        linears = [lin for ly in layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)]
-        max_rows = min([cpu.MAX_ROWS] + [lin.max_rows for lin in linears])
-        return stack, max_rows, rotary
+        return stack, rotary
 
     def __call__(
         self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache], meta: AttentionMetadata
     ) -> torch.Tensor | None:
         """The final hidden states of x [T, hidden], or None where this batch takes the modules."""
         t = x.shape[0]
-        if self.stack is None or x.dtype != torch.bfloat16 or t > self.max_rows:
+        if self.stack is None or x.dtype != torch.bfloat16 or t > cpu.MAX_ROWS:
             return None
         rows = _token_rows(meta, t)
         if rows is None:
